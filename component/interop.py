@@ -1,0 +1,165 @@
+"""Checkpoint formats: BertCLIP, transformers ChineseCLIP, the original CLIP-Chinese, and tower exports."""
+
+import json
+from pathlib import Path
+
+from transformers import (
+    AutoTokenizer,
+    BertModel,
+    ChineseCLIPConfig,
+    ChineseCLIPModel,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+)
+from transformers.utils import logging
+
+from component.configuration import BertCLIPConfig
+
+logger = logging.get_logger(__name__)
+
+# Keys of a ChineseCLIP or CLIP sub-config that only describe the sub-config's own class.
+_CLASS_KEYS = ("model_type", "architectures", "_name_or_path", "transformers_version")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded; the message names the file and the fix."""
+
+
+def read_config_dict(path: str | Path) -> tuple[dict, str]:
+    """The raw config.json of a local directory or hub repo, and where it was read from."""
+    local = Path(path)
+    if local.is_dir():
+        config_file = local / "config.json"
+        if not config_file.is_file():
+            raise CheckpointError(f"{local}: no config.json; is this a saved model directory?")
+        try:
+            return json.loads(config_file.read_text(encoding="utf-8")), str(config_file)
+        except json.JSONDecodeError as error:
+            raise CheckpointError(f"{config_file}: not valid JSON ({error})") from error
+    if local.exists():
+        raise CheckpointError(f"{local}: is a file; give the directory that holds config.json")
+    from transformers import PreTrainedConfig
+
+    try:
+        config_dict, _ = PreTrainedConfig.get_config_dict(str(path))
+    except OSError as error:
+        raise CheckpointError(f"{path}: no local directory or hub model of that name ({error})") from error
+    return config_dict, f"{path}/config.json"
+
+
+def _sub_config(config_dict: dict, key: str, source: str) -> dict:
+    sub = config_dict.get(key)
+    if not isinstance(sub, dict):
+        raise CheckpointError(f"{source}: missing the {key!r} section")
+    return {k: v for k, v in sub.items() if k not in _CLASS_KEYS}
+
+
+def config_from_dict(config_dict: dict, source: str) -> BertCLIPConfig:
+    """Build a `BertCLIPConfig` from a BertCLIP, ChineseCLIP or original CLIP-Chinese config.json."""
+    model_type = config_dict.get("model_type")
+    if model_type == BertCLIPConfig.model_type:
+        return BertCLIPConfig.from_dict(config_dict)
+    shared = {
+        "projection_dim": config_dict.get("projection_dim", 512),
+        "logit_scale_init_value": config_dict.get("logit_scale_init_value", 2.6592),
+    }
+    if model_type == "chinese_clip":
+        text_pooling = "cls"
+    elif model_type == "clip" and (config_dict.get("text_config") or {}).get("model_type") == "bert":
+        text_pooling = "pooler"  # the original CLIP-Chinese release: ViT + BERT with its pooler
+    else:
+        raise CheckpointError(
+            f"{source}: model_type {model_type!r} is not a BertCLIP ('bert_clip'), ChineseCLIP "
+            "('chinese_clip') or CLIP-Chinese ('clip' with a BERT text_config) checkpoint"
+        )
+    return BertCLIPConfig(
+        text_config=_sub_config(config_dict, "text_config", source),
+        vision_config=_sub_config(config_dict, "vision_config", source),
+        text_pooling=text_pooling,
+        **shared,
+    )
+
+
+def load_checkpoint_config(path: str | Path) -> BertCLIPConfig:
+    """The `BertCLIPConfig` for any checkpoint directory `BertCLIPModel.from_pretrained` accepts."""
+    config_dict, source = read_config_dict(path)
+    return config_from_dict(config_dict, source)
+
+
+def report_loading_info(class_name: str, path, info: dict, config: BertCLIPConfig) -> None:
+    """Warn about weights the checkpoint lacked or held in excess; refuse wrong shapes."""
+    mismatched = info.get("mismatched_keys") or []
+    if mismatched:
+        raise CheckpointError(f"{path}: weights of the wrong shape for this config: {sorted(mismatched)}")
+    for kind in ("missing_keys", "unexpected_keys"):
+        keys = sorted(info.get(kind) or [])
+        if keys:
+            logger.warning(f"{class_name} from {path}: {kind.replace('_', ' ')}: {keys}")
+
+
+def to_chinese_clip(model) -> ChineseCLIPModel:
+    """Copy a BertCLIPModel into a `transformers.ChineseCLIPModel` with identical outputs."""
+    config = model.config
+    if config.text_pooling != "cls":
+        raise ValueError(
+            f"to_chinese_clip needs text_pooling='cls', this model uses {config.text_pooling!r}: "
+            "ChineseCLIPModel always takes the [CLS] hidden state and has no BERT pooler"
+        )
+    chinese_config = ChineseCLIPConfig(
+        text_config={k: v for k, v in config.text_config.to_dict().items() if k not in _CLASS_KEYS},
+        vision_config={k: v for k, v in config.vision_config.to_dict().items() if k not in _CLASS_KEYS},
+        projection_dim=config.projection_dim,
+        logit_scale_init_value=config.logit_scale_init_value,
+    )
+    chinese = ChineseCLIPModel(chinese_config).to(model.dtype)
+    chinese.load_state_dict(model.state_dict(), strict=True)
+    return chinese.to(model.device).eval()
+
+
+def save_text_tower(model, save_directory: str | Path, tokenizer=None) -> None:
+    """Write the text tower as a plain `BertModel` directory, with the tokenizer when one is known.
+
+    With text_pooling "cls" the tower has no pooler: read `last_hidden_state[:, 0]` downstream.
+    """
+    tower = BertModel(
+        model.config.text_config,
+        add_pooling_layer=model.config.text_pooling == "pooler",
+    )
+    tower.load_state_dict(model.text_model.state_dict(), strict=True)
+    tower.save_pretrained(save_directory)
+    tokenizer = tokenizer or _tokenizer_beside(model)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(save_directory)
+
+
+def save_vision_tower(model, save_directory: str | Path, image_processor=None) -> None:
+    """Write the image tower plus its projection as a `CLIPVisionModelWithProjection` directory."""
+    vision_config = CLIPVisionConfig(
+        **{k: v for k, v in model.config.vision_config.to_dict().items() if k not in _CLASS_KEYS},
+    )
+    vision_config.projection_dim = model.config.projection_dim
+    tower = CLIPVisionModelWithProjection(vision_config)
+    state = {f"vision_model.{k}": v for k, v in model.vision_model.state_dict().items()}
+    state["visual_projection.weight"] = model.visual_projection.weight
+    tower.load_state_dict(state, strict=True)
+    tower.save_pretrained(save_directory)
+    if image_processor is None:
+        image_processor = _image_processor_beside(model)
+    if image_processor is not None:
+        image_processor.save_pretrained(save_directory)
+
+
+def _tokenizer_beside(model):
+    source = Path(str(model.name_or_path))
+    if source.is_dir() and any((source / name).exists() for name in ("tokenizer.json", "vocab.txt")):
+        return AutoTokenizer.from_pretrained(source)
+    return None
+
+
+def _image_processor_beside(model):
+    from transformers import AutoImageProcessor
+
+    source = Path(str(model.name_or_path))
+    if (source / "preprocessor_config.json").is_file():
+        return AutoImageProcessor.from_pretrained(source)
+    return None

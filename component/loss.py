@@ -1,0 +1,52 @@
+"""Symmetric contrastive (InfoNCE) loss over image-text pairs, with global negatives across ranks."""
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.nn.functional import all_gather
+
+MAX_LOGIT_SCALE = math.log(100.0)  # CLIP caps the inverse temperature at 100
+
+
+def gather_with_grad(features: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Concatenate `features` from every rank, keeping the autograd graph.
+
+    Returns the global tensor [world * batch, dim] and the row offset of this rank's rows.
+    Without an initialised process group of more than one rank it returns `features` unchanged.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return features, 0
+    # The backward of this all_gather sums gradients from every rank's loss into the local rows,
+    # so that averaging gradients over ranks (as DDP does) gives the gradient of the global loss.
+    gathered = all_gather(features.contiguous())
+    return torch.cat(gathered, dim=0), dist.get_rank() * features.shape[0]
+
+
+def contrastive_loss(
+    image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor
+) -> torch.Tensor:
+    """Mean of image->text and text->image cross-entropy; row i of each input is a matching pair.
+
+    Args:
+        image_embeds: L2-normalised image embeddings of this rank, [batch, dim].
+        text_embeds: L2-normalised text embeddings of this rank, [batch, dim].
+        logit_scale: log of the inverse temperature, clamped to at most ln(100).
+
+    When `torch.distributed` runs with several ranks, each rank's rows are contrasted
+    against the whole global batch.
+    """
+    if image_embeds.shape != text_embeds.shape:
+        raise ValueError(
+            f"image and text embeddings differ in shape: {image_embeds.shape} vs {text_embeds.shape}"
+        )
+    scale = logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
+    all_image_embeds, offset = gather_with_grad(image_embeds)
+    all_text_embeds, _ = gather_with_grad(text_embeds)
+    labels = torch.arange(offset, offset + image_embeds.shape[0], device=image_embeds.device)
+    logits_per_image = scale * image_embeds @ all_text_embeds.T  # [batch, global batch]
+    logits_per_text = scale * text_embeds @ all_image_embeds.T  # [batch, global batch]
+    image_loss = F.cross_entropy(logits_per_image.float(), labels)
+    text_loss = F.cross_entropy(logits_per_text.float(), labels)
+    return (image_loss + text_loss) / 2

@@ -1,0 +1,256 @@
+"""BertCLIP: a CLIP ViT image tower and a Chinese BERT text tower projected into one space."""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import BertModel, CLIPModel, CLIPVisionModel, PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput, logging
+
+from component.configuration import BertCLIPConfig
+from component.loss import contrastive_loss
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class BertCLIPOutput(ModelOutput):
+    """Outputs of `BertCLIPModel.forward`; embeddings are L2-normalised."""
+
+    loss: torch.FloatTensor | None = None
+    logits_per_image: torch.FloatTensor | None = None  # [n_images, n_texts]
+    logits_per_text: torch.FloatTensor | None = None  # [n_texts, n_images]
+    text_embeds: torch.FloatTensor | None = None  # [n_texts, projection_dim]
+    image_embeds: torch.FloatTensor | None = None  # [n_images, projection_dim]
+
+
+@dataclass
+class BertCLIPTextOutput(ModelOutput):
+    """Outputs of `BertCLIPTextModel.forward`; `text_embeds` are projected, not normalised."""
+
+    text_embeds: torch.FloatTensor | None = None
+    last_hidden_state: torch.FloatTensor | None = None
+    pooler_output: torch.FloatTensor | None = None
+
+
+class BertCLIPPreTrainedModel(PreTrainedModel):
+    """Shared loading, saving and initialisation for the BertCLIP models."""
+
+    config: BertCLIPConfig
+    config_class = BertCLIPConfig
+    base_model_prefix = "bert_clip"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _no_split_modules: ClassVar[list[str]] = [
+        "BertLayer",
+        "BertEmbeddings",
+        "CLIPEncoderLayer",
+        "CLIPVisionEmbeddings",
+    ]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        # The towers initialise themselves; only the parts owned here need it.
+        if isinstance(module, BertCLIPPreTrainedModel):
+            text_hidden = self.config.text_config.hidden_size
+            init.normal_(module.text_projection.weight, std=text_hidden**-0.5)
+            if hasattr(module, "visual_projection"):
+                vision_hidden = self.config.vision_config.hidden_size
+                init.normal_(module.visual_projection.weight, std=vision_hidden**-0.5)
+                init.constant_(module.logit_scale, self.config.logit_scale_init_value)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Load a BertCLIP, transformers ChineseCLIP or original CLIP-Chinese checkpoint.
+
+        Missing and unexpected weights are logged as warnings; pass `output_loading_info=True`
+        to also get them back as a dict.
+        """
+        from component.interop import load_checkpoint_config, report_loading_info
+
+        want_info = kwargs.pop("output_loading_info", False)
+        if kwargs.get("config") is None:
+            kwargs["config"] = load_checkpoint_config(pretrained_model_name_or_path)
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+        )
+        report_loading_info(cls.__name__, pretrained_model_name_or_path, info, model.config)
+        return (model, info) if want_info else model
+
+
+def build_text_tower(config: BertCLIPConfig) -> BertModel:
+    # BERT's pooler is only part of the model when it is used, so that ChineseCLIP
+    # checkpoints (which have none) load without missing weights.
+    return BertModel._from_config(config.text_config, add_pooling_layer=config.text_pooling == "pooler")
+
+
+def pool_text(config: BertCLIPConfig, text_outputs) -> torch.Tensor:
+    """The text tower's sentence vector, [batch, hidden], according to `config.text_pooling`."""
+    if config.text_pooling == "pooler":
+        return text_outputs.pooler_output
+    return text_outputs.last_hidden_state[:, 0, :]
+
+
+class BertCLIPModel(BertCLIPPreTrainedModel):
+    """CLIP ViT image tower + BERT text tower, each with a linear projection, trained contrastively."""
+
+    def __init__(self, config: BertCLIPConfig):
+        super().__init__(config)
+        self.text_model = build_text_tower(config)
+        self.vision_model = CLIPVisionModel._from_config(config.vision_config)
+        self.text_projection = nn.Linear(config.text_config.hidden_size, config.projection_dim, bias=False)
+        self.visual_projection = nn.Linear(
+            config.vision_config.hidden_size, config.projection_dim, bias=False
+        )
+        self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
+        self.post_init()
+
+    def get_text_features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Projected text features, [batch, projection_dim], NOT L2-normalised."""
+        text_outputs = self.text_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+        )
+        return self.text_projection(pool_text(self.config, text_outputs))
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Projected image features, [batch, projection_dim], NOT L2-normalised."""
+        vision_outputs = self.vision_model(pixel_values=pixel_values)
+        return self.visual_projection(vision_outputs.pooler_output)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        return_loss: bool = False,
+        **kwargs,
+    ) -> BertCLIPOutput:
+        """Image-text logits and normalised embeddings; the contrastive loss when `return_loss`."""
+        image_embeds = F.normalize(self.get_image_features(pixel_values), dim=-1)
+        text_embeds = F.normalize(self.get_text_features(input_ids, attention_mask, token_type_ids), dim=-1)
+        logits_per_text = text_embeds @ image_embeds.T * self.logit_scale.exp()
+        loss = contrastive_loss(image_embeds, text_embeds, self.logit_scale) if return_loss else None
+        return BertCLIPOutput(
+            loss=loss,
+            logits_per_image=logits_per_text.T,
+            logits_per_text=logits_per_text,
+            text_embeds=text_embeds,
+            image_embeds=image_embeds,
+        )
+
+    @classmethod
+    def from_vision_text_pretrained(
+        cls, clip_path: str, bert_path: str, **config_overrides
+    ) -> "BertCLIPModel":
+        """Start from a CLIPModel checkpoint (image side) and a BertModel checkpoint (text side).
+
+        The vision tower, `visual_projection` and `logit_scale` come from `clip_path`; the text
+        tower from `bert_path`; `text_projection` is new. `config_overrides` go to `BertCLIPConfig`.
+        """
+        clip = CLIPModel.from_pretrained(clip_path)
+        bert, bert_info = BertModel.from_pretrained(bert_path, output_loading_info=True)
+        report_tower_info("BERT", bert_path, bert_info)
+        settings = {
+            "projection_dim": clip.config.projection_dim,
+            "logit_scale_init_value": float(clip.logit_scale.item()),
+            **config_overrides,
+        }
+        config = BertCLIPConfig(
+            text_config=bert.config.to_dict(),
+            vision_config=clip.config.vision_config.to_dict(),
+            **settings,
+        )
+        model = cls(config)
+        if config.projection_dim != clip.config.projection_dim:
+            raise ValueError(
+                f"projection_dim={config.projection_dim} differs from {clip_path}'s "
+                f"{clip.config.projection_dim}; the CLIP visual projection could not be reused"
+            )
+        model.vision_model.load_state_dict(clip.vision_model.state_dict())
+        model.visual_projection.load_state_dict(clip.visual_projection.state_dict())
+        with torch.no_grad():
+            model.logit_scale.copy_(clip.logit_scale)
+        result = model.text_model.load_state_dict(bert.state_dict(), strict=False)
+        if result.missing_keys:
+            raise ValueError(f"{bert_path} lacks text-tower weights: {result.missing_keys}")
+        if result.unexpected_keys:
+            logger.warning(
+                f"Not used from {bert_path} (text_pooling={config.text_pooling!r}): {result.unexpected_keys}"
+            )
+        model.name_or_path = str(bert_path)
+        return model
+
+    def to_chinese_clip(self):
+        """A `transformers.ChineseCLIPModel` with the same weights and outputs (text_pooling "cls" only)."""
+        from component.interop import to_chinese_clip
+
+        return to_chinese_clip(self)
+
+    def save_text_tower(self, save_directory: str | Path, tokenizer=None) -> None:
+        """Write the BERT tower (and tokenizer) as a standalone `BertModel` directory."""
+        from component.interop import save_text_tower
+
+        save_text_tower(self, save_directory, tokenizer)
+
+    def save_vision_tower(self, save_directory: str | Path, image_processor=None) -> None:
+        """Write the image tower as a `CLIPVisionModelWithProjection` directory (with its image processor)."""
+        from component.interop import save_vision_tower
+
+        save_vision_tower(self, save_directory, image_processor)
+
+
+class BertCLIPTextModel(BertCLIPPreTrainedModel):
+    """The text half of BertCLIP (BERT + text projection); loads from a full BertCLIP checkpoint."""
+
+    _keys_to_ignore_on_load_unexpected: ClassVar[list[str]] = [
+        r"^vision_model\.",
+        r"^visual_projection\.",
+        r"^logit_scale$",
+    ]
+
+    def __init__(self, config: BertCLIPConfig):
+        super().__init__(config)
+        self.text_model = build_text_tower(config)
+        self.text_projection = nn.Linear(config.text_config.hidden_size, config.projection_dim, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        **kwargs,
+    ) -> BertCLIPTextOutput:
+        """Projected text embeddings plus BERT's own outputs."""
+        text_outputs = self.text_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+        )
+        return BertCLIPTextOutput(
+            text_embeds=self.text_projection(pool_text(self.config, text_outputs)),
+            last_hidden_state=text_outputs.last_hidden_state,
+            pooler_output=text_outputs.pooler_output,
+        )
+
+
+def report_tower_info(name: str, path, info: dict) -> None:
+    """Log weights a tower checkpoint lacked or had in excess."""
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = sorted(info.get(kind) or [])
+        if keys:
+            logger.warning(f"{name} tower from {path}: {kind.replace('_', ' ')}: {keys}")

@@ -1,0 +1,126 @@
+"""One processor (BERT tokenizer + CLIP image processor) and the shared encoding helpers."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from transformers import (
+    AutoImageProcessor,
+    AutoProcessor,
+    BertTokenizerFast,
+    VisionTextDualEncoderProcessor,
+)
+
+
+def build_processor(clip_path: str | Path, bert_path: str | Path) -> VisionTextDualEncoderProcessor:
+    """The tokenizer from the BERT checkpoint and the image processor from the CLIP checkpoint."""
+    image_processor = AutoImageProcessor.from_pretrained(str(clip_path), backend="pil")
+    tokenizer = BertTokenizerFast.from_pretrained(str(bert_path))
+    return VisionTextDualEncoderProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def load_processor(path: str | Path):
+    """The processor saved beside a checkpoint (ours, or ChineseCLIP's own)."""
+    return AutoProcessor.from_pretrained(str(path), backend="pil")
+
+
+def check_tokenizer_fits(tokenizer, model, source: str | Path) -> None:
+    """Refuse a tokenizer that can produce ids beyond the text tower's embedding table."""
+    vocab_size = model.config.text_config.vocab_size
+    if len(tokenizer) > vocab_size:
+        raise ValueError(
+            f"{source}: the tokenizer has {len(tokenizer)} tokens but the text tower's vocab_size is "
+            f"{vocab_size}; use the tokenizer saved with this model (or its BERT checkpoint)"
+        )
+
+
+def tokenize(processor, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
+    """Tokenise texts for the text tower: padded to the longest, truncated to `max_length`."""
+    return processor.tokenizer(
+        texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+    ).data
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """The image processor's resize, crop and normalisation, split for speed.
+
+    `load` and `__call__` run per image (in DataLoader workers) and give small uint8 arrays;
+    `to_pixel_values` normalises a whole batch at once. With `draft=True`, JPEGs much larger
+    than needed are decoded at a reduced scale (PIL draft mode), which is several times faster.
+    """
+
+    shortest_edge: int | None  # resize the short side to this, keeping the aspect ratio
+    resize_to: tuple[int, int] | None  # or resize to exactly (height, width)
+    crop: tuple[int, int] | None  # then centre-crop to (height, width)
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resample: int
+
+    @classmethod
+    def from_processor(cls, processor) -> "ImageTransform":
+        ip = getattr(processor, "image_processor", processor)
+        size = dict(ip.size)
+        crop = dict(ip.crop_size or {}) if ip.do_center_crop else {}
+        return cls(
+            shortest_edge=size.get("shortest_edge"),
+            resize_to=(size["height"], size["width"]) if size.get("height") else None,
+            crop=(crop["height"], crop["width"]) if crop.get("height") else None,
+            mean=tuple(ip.image_mean),
+            std=tuple(ip.image_std),
+            resample=int(ip.resample),
+        )
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        """(height, width) of the pixel values."""
+        return self.crop or self.resize_to or (self.shortest_edge, self.shortest_edge)
+
+    def load(self, path: str | Path, draft: bool = True) -> Image.Image:
+        """Open, fully decode and orient an image file as RGB."""
+        with Image.open(path) as image:
+            if draft and image.format == "JPEG":
+                image.draft("RGB", self._draft_size(image.size))
+            image = ImageOps.exif_transpose(image)
+            return image.convert("RGB")
+
+    def _draft_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        width, height = size
+        if self.resize_to:
+            return self.resize_to[1], self.resize_to[0]
+        scale = self.shortest_edge / min(width, height)
+        return max(1, int(np.ceil(width * scale))), max(1, int(np.ceil(height * scale)))
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        """Resize and crop an RGB image to a uint8 array [height, width, 3]."""
+        width, height = image.size
+        if self.resize_to:
+            new_height, new_width = self.resize_to
+        elif width <= height:  # the same rounding as transformers' get_resize_output_image_size
+            new_width, new_height = self.shortest_edge, int(self.shortest_edge * height / width)
+        else:
+            new_width, new_height = int(self.shortest_edge * width / height), self.shortest_edge
+        if (new_width, new_height) != (width, height):
+            image = image.resize((new_width, new_height), resample=self.resample)
+        array = np.asarray(image, dtype=np.uint8)
+        if self.crop:
+            crop_height, crop_width = self.crop
+            top, left = (new_height - crop_height) // 2, (new_width - crop_width) // 2
+            array = array[top : top + crop_height, left : left + crop_width]
+        return np.ascontiguousarray(array)
+
+    def to_pixel_values(self, arrays: list[np.ndarray] | torch.Tensor) -> torch.Tensor:
+        """Normalise uint8 images [batch, height, width, 3] to pixel values [batch, 3, height, width]."""
+        batch = arrays if isinstance(arrays, torch.Tensor) else torch.from_numpy(np.stack(arrays))
+        batch = batch.permute(0, 3, 1, 2).float().div_(255.0)
+        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.std).view(1, 3, 1, 1)
+        return batch.sub_(mean).div_(std)
+
+
+def preprocess_images(processor, images: list[Image.Image]) -> torch.Tensor:
+    """Pixel values [batch, 3, height, width] for PIL images, the same as the processor's own."""
+    transform = ImageTransform.from_processor(processor)
+    return transform.to_pixel_values([transform(image.convert("RGB")) for image in images])

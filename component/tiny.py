@@ -1,0 +1,98 @@
+"""Tiny local stand-ins for the pretrained towers, for tests, the offline demo and benchmarks.
+
+Nothing here touches the model hub: the vocabulary is the CJK Unified Ideographs block plus
+ASCII and Chinese punctuation, and the towers are random and small.
+"""
+
+from pathlib import Path
+
+from transformers import (
+    BertConfig,
+    BertModel,
+    BertTokenizerFast,
+    CLIPConfig,
+    CLIPImageProcessorPil,
+    CLIPModel,
+)
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+CHINESE_PUNCTUATION = "，。！？、；：“”‘’（）《》【】…—·"
+
+
+def chinese_vocabulary() -> list[str]:
+    """Special tokens, ASCII printable characters, Chinese punctuation and U+4E00..U+9FA5."""
+    ascii_chars = [chr(c) for c in range(33, 127)]
+    ascii_chars = [c.lower() for c in ascii_chars if not c.isupper()]  # the tokenizer lower-cases
+    cjk = [chr(c) for c in range(0x4E00, 0x9FA6)]
+    return SPECIAL_TOKENS + ascii_chars + list(CHINESE_PUNCTUATION) + cjk
+
+
+def write_chinese_tokenizer(directory: str | Path) -> BertTokenizerFast:
+    """Write vocab.txt plus a fast tokenizer into `directory` and return the tokenizer."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.txt").write_text("\n".join(chinese_vocabulary()) + "\n", encoding="utf-8")
+    # BertTokenizerFast(vocab_file=...) ignores the file in transformers 5; from_pretrained reads it.
+    tokenizer = BertTokenizerFast.from_pretrained(str(directory))
+    tokenizer.save_pretrained(str(directory))
+    return tokenizer
+
+
+def tiny_bert_config(vocab_size: int, hidden_size: int = 32, layers: int = 2) -> BertConfig:
+    """A BERT of `layers` layers and `hidden_size` width, 4 heads."""
+    return BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=hidden_size * 2,
+        max_position_embeddings=128,
+    )
+
+
+def write_tiny_bert(directory: str | Path, hidden_size: int = 32, layers: int = 2) -> Path:
+    """A random BertModel plus the Chinese tokenizer, saved like a hub BERT checkpoint."""
+    directory = Path(directory)
+    tokenizer = write_chinese_tokenizer(directory)
+    model = BertModel(tiny_bert_config(len(tokenizer), hidden_size, layers))
+    model.save_pretrained(str(directory))
+    return directory
+
+
+def write_tiny_clip(
+    directory: str | Path,
+    image_size: int = 30,
+    patch_size: int = 6,
+    hidden_size: int = 32,
+    layers: int = 2,
+    projection_dim: int = 16,
+) -> Path:
+    """A random CLIPModel plus its image processor, saved like a hub CLIP checkpoint."""
+    directory = Path(directory)
+    vision = dict(
+        image_size=image_size,
+        patch_size=patch_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=hidden_size * 2,
+    )
+    # BertCLIP does not use the CLIP text tower; it only has to exist in the checkpoint.
+    text = dict(
+        vocab_size=99,
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=1,
+        hidden_size=hidden_size,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=hidden_size * 2,
+        max_position_embeddings=32,
+    )
+    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim)
+    CLIPModel(config).save_pretrained(str(directory))
+    CLIPImageProcessorPil(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+    ).save_pretrained(str(directory))
+    return directory
