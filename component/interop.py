@@ -157,9 +157,9 @@ def _tokenizer_beside(model):
 
 
 def _image_processor_beside(model):
-    from transformers import AutoImageProcessor
+    from component.processor import load_processor
 
     source = Path(str(model.name_or_path))
-    if (source / "preprocessor_config.json").is_file():
-        return AutoImageProcessor.from_pretrained(source)
+    if (source / "processor_config.json").is_file() or (source / "preprocessor_config.json").is_file():
+        return load_processor(source).image_processor
     return None

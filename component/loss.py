@@ -5,9 +5,27 @@ import math
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.nn.functional import all_gather
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP caps the inverse temperature at 100
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient for the local rows."""
+
+    @staticmethod
+    def forward(ctx, features: torch.Tensor) -> torch.Tensor:
+        gathered = [torch.empty_like(features) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, features)
+        return torch.cat(gathered, dim=0)  # [world * batch, dim]
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:
+        # Each rank's loss depends on every rank's rows; sum those gradients, keep our rows.
+        grad = grad_output.contiguous()
+        dist.all_reduce(grad)
+        batch = grad.shape[0] // dist.get_world_size()
+        start = dist.get_rank() * batch
+        return grad[start : start + batch]
 
 
 def gather_with_grad(features: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -18,10 +36,9 @@ def gather_with_grad(features: torch.Tensor) -> tuple[torch.Tensor, int]:
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return features, 0
-    # The backward of this all_gather sums gradients from every rank's loss into the local rows,
-    # so that averaging gradients over ranks (as DDP does) gives the gradient of the global loss.
-    gathered = all_gather(features.contiguous())
-    return torch.cat(gathered, dim=0), dist.get_rank() * features.shape[0]
+    # Summing gradients into the local rows means that averaging gradients over ranks,
+    # as DDP does, gives exactly the gradient of the loss on the global batch.
+    return _AllGatherWithGrad.apply(features.contiguous()), dist.get_rank() * features.shape[0]
 
 
 def contrastive_loss(
@@ -47,6 +64,7 @@ def contrastive_loss(
     labels = torch.arange(offset, offset + image_embeds.shape[0], device=image_embeds.device)
     logits_per_image = scale * image_embeds @ all_text_embeds.T  # [batch, global batch]
     logits_per_text = scale * text_embeds @ all_image_embeds.T  # [batch, global batch]
-    image_loss = F.cross_entropy(logits_per_image.float(), labels)
-    text_loss = F.cross_entropy(logits_per_text.float(), labels)
+    dtype = torch.promote_types(logits_per_image.dtype, torch.float32)  # no half-precision softmax
+    image_loss = F.cross_entropy(logits_per_image.to(dtype), labels)
+    text_loss = F.cross_entropy(logits_per_text.to(dtype), labels)
     return (image_loss + text_loss) / 2

@@ -77,6 +77,9 @@ class BertCLIPPreTrainedModel(PreTrainedModel):
         want_info = kwargs.pop("output_loading_info", False)
         if kwargs.get("config") is None:
             kwargs["config"] = load_checkpoint_config(pretrained_model_name_or_path)
+        # Shape mismatches are collected rather than raised deep inside transformers, so that
+        # the error below names the checkpoint and the weights.
+        kwargs.setdefault("ignore_mismatched_sizes", True)
         model, info = super().from_pretrained(
             pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
         )

@@ -21,10 +21,10 @@ CHINESE_PUNCTUATION = "，。！？、；：“”‘’（）《》【】…—
 
 def chinese_vocabulary() -> list[str]:
     """Special tokens, ASCII printable characters, Chinese punctuation and U+4E00..U+9FA5."""
-    ascii_chars = [chr(c) for c in range(33, 127)]
-    ascii_chars = [c.lower() for c in ascii_chars if not c.isupper()]  # the tokenizer lower-cases
+    ascii_chars = [chr(c) for c in range(33, 127) if not chr(c).isupper()]  # the tokenizer lower-cases
+    word_pieces = [f"##{c}" for c in ascii_chars if c.isalnum()]  # so Latin words and numbers split
     cjk = [chr(c) for c in range(0x4E00, 0x9FA6)]
-    return SPECIAL_TOKENS + ascii_chars + list(CHINESE_PUNCTUATION) + cjk
+    return SPECIAL_TOKENS + ascii_chars + word_pieces + list(CHINESE_PUNCTUATION) + cjk
 
 
 def write_chinese_tokenizer(directory: str | Path) -> BertTokenizerFast:

@@ -1,0 +1,110 @@
+"""The contrastive loss against a hand computation, and global negatives across 2 gloo ranks."""
+
+import math
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from component.loss import MAX_LOGIT_SCALE, contrastive_loss
+
+
+def naive_loss(image_embeds, text_embeds, logit_scale):
+    """CLIP's loss written out term by term."""
+    scale = math.exp(min(logit_scale, math.log(100)))
+    n = image_embeds.shape[0]
+    total = 0.0
+    for i in range(n):
+        image_row = [scale * float(image_embeds[i] @ text_embeds[j]) for j in range(n)]
+        text_row = [scale * float(text_embeds[i] @ image_embeds[j]) for j in range(n)]
+        total += -image_row[i] + math.log(sum(math.exp(x) for x in image_row))
+        total += -text_row[i] + math.log(sum(math.exp(x) for x in text_row))
+    return total / (2 * n)
+
+
+def random_embeds(n, dim, seed):
+    generator = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(n, dim, generator=generator, dtype=torch.float64), dim=-1)
+
+
+def test_loss_matches_hand_computation():
+    images, texts = random_embeds(5, 8, 0), random_embeds(5, 8, 1)
+    loss = contrastive_loss(images, texts, torch.tensor(2.0, dtype=torch.float64))
+    assert abs(loss.item() - naive_loss(images, texts, 2.0)) < 1e-6
+
+
+def test_logit_scale_is_clamped_at_ln_100():
+    images, texts = random_embeds(4, 8, 2), random_embeds(4, 8, 3)
+    scale = torch.tensor(7.0, dtype=torch.float64, requires_grad=True)
+    loss = contrastive_loss(images, texts, scale)
+    assert abs(loss.item() - naive_loss(images, texts, MAX_LOGIT_SCALE)) < 1e-6
+    loss.backward()
+    assert scale.grad.item() == 0.0  # beyond the cap the scale gets no gradient
+
+
+def test_perfect_alignment_gives_low_loss():
+    embeds = torch.eye(6, dtype=torch.float64)
+    assert contrastive_loss(embeds, embeds, torch.tensor(MAX_LOGIT_SCALE)).item() < 1e-6
+
+
+WORLD, LOCAL_BATCH, DIM_IN, DIM_OUT = 2, 3, 5, 4
+
+
+def tower_inputs():
+    generator = torch.Generator().manual_seed(7)
+    image_inputs = torch.randn(WORLD * LOCAL_BATCH, DIM_IN, generator=generator, dtype=torch.float64)
+    text_inputs = torch.randn(WORLD * LOCAL_BATCH, DIM_IN, generator=generator, dtype=torch.float64)
+    weights = [torch.randn(DIM_IN, DIM_OUT, generator=generator, dtype=torch.float64) for _ in range(2)]
+    return image_inputs, text_inputs, weights
+
+
+def loss_and_grads(image_inputs, text_inputs, weights):
+    """Loss of two linear 'towers' and the gradients of their weights and of the logit scale."""
+    image_weight, text_weight = (w.clone().requires_grad_(True) for w in weights)
+    logit_scale = torch.tensor(2.3, dtype=torch.float64, requires_grad=True)
+    image_embeds = F.normalize(image_inputs @ image_weight, dim=-1)
+    text_embeds = F.normalize(text_inputs @ text_weight, dim=-1)
+    loss = contrastive_loss(image_embeds, text_embeds, logit_scale)
+    loss.backward()
+    return loss.detach(), [image_weight.grad, text_weight.grad, logit_scale.grad]
+
+
+def distributed_worker(rank, port, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    image_inputs, text_inputs, weights = tower_inputs()
+    rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+    loss, grads = loss_and_grads(image_inputs[rows], text_inputs[rows], weights)
+    # What DDP does: average the loss and each gradient over ranks.
+    for tensor in [loss, *grads]:
+        dist.all_reduce(tensor)
+        tensor /= WORLD
+    queue.put((rank, loss, grads))
+    dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_rank_loss_and_gradients_equal_single_process():
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    port = free_port()
+    processes = [context.Process(target=distributed_worker, args=(r, port, queue)) for r in range(WORLD)]
+    for process in processes:
+        process.start()
+    results = [queue.get(timeout=120) for _ in range(WORLD)]
+    for process in processes:
+        process.join(timeout=60)
+        assert process.exitcode == 0
+    expected_loss, expected_grads = loss_and_grads(*tower_inputs())
+    for _, loss, grads in results:
+        torch.testing.assert_close(loss, expected_loss, atol=1e-10, rtol=1e-10)
+        for got, want in zip(grads, expected_grads, strict=True):
+            torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
