@@ -1,0 +1,294 @@
+"""Data files on disk: CSV tables of rows, safe image paths, safe opening, full-decode checks.
+
+Every failure is a `RejectedError` whose `reason` is a short stable identifier (`truncated`,
+`decompression_bomb`, ...), so callers can count, report and test reasons without parsing messages.
+"""
+
+import csv
+import multiprocessing
+import os
+import signal
+import sys
+import uuid
+import warnings
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from pathlib import Path, PurePosixPath
+from typing import IO
+
+from PIL import Image, UnidentifiedImageError
+
+# Pillow's own default, stated here so that our limit never depends on someone changing the global.
+DEFAULT_MAX_PIXELS = 89_478_485
+DEFAULT_MIN_SIDE = 10
+DEFAULT_MAX_ASPECT_RATIO = 10.0
+# Modes whose conversion to RGB is routine; anything else is converted once as part of the check.
+COMMON_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr"})
+
+
+class RejectedError(Exception):
+    """A row or image that must not be used; `reason` is a short stable identifier."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def safe_image_path(root: str | Path, filename: str) -> Path:
+    """The path of `filename` under `root`, refusing names that could land anywhere else.
+
+    Refused (reason `unsafe_filename`): absolute names, `..` components, backslashes, NUL bytes,
+    and names that resolve (through symlinks) outside `root`. A blank name is `missing_filename`.
+    """
+    if not filename or not filename.strip():
+        raise RejectedError("missing_filename")
+    name = PurePosixPath(filename)
+    if "\\" in filename or "\x00" in filename or name.is_absolute() or ".." in name.parts:
+        raise RejectedError("unsafe_filename", filename)
+    if not name.parts or name.parts == (".",):
+        raise RejectedError("unsafe_filename", filename)
+    real_root = os.path.realpath(root)
+    real_path = os.path.realpath(os.path.join(real_root, *name.parts))
+    if real_path == real_root or os.path.commonpath([real_root, real_path]) != real_root:
+        raise RejectedError("unsafe_filename", filename)
+    return Path(root, *name.parts)
+
+
+def _reason_for_decode_error(error: Exception) -> str:
+    """Map Pillow's decode exceptions to a reason: truncation is common enough to name apart."""
+    return "truncated" if "truncated" in str(error).lower() else "decode_error"
+
+
+def open_image(source: str | Path | IO[bytes], max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open an image (header only, no pixels decoded), refusing non-images and decompression bombs.
+
+    Args:
+        source: a path or a binary file object.
+        max_pixels: images with more pixels than this are refused as `decompression_bomb`
+            (Pillow itself refuses anything over twice its global limit; that is mapped the same).
+    """
+    try:
+        image = Image.open(source)
+    except Image.DecompressionBombError as error:
+        raise RejectedError("decompression_bomb", str(error)) from None
+    except UnidentifiedImageError:
+        raise RejectedError("not_an_image") from None
+    except FileNotFoundError:
+        raise RejectedError("missing_file") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        raise RejectedError(_reason_for_decode_error(error), str(error)) from None
+    width, height = image.size
+    if width * height > max_pixels:
+        image.close()
+        raise RejectedError("decompression_bomb", f"{width}x{height} pixels > {max_pixels}")
+    if width < 1 or height < 1:
+        image.close()
+        raise RejectedError("decode_error", f"size {width}x{height}")
+    return image
+
+
+def decode_fully(image: Image.Image) -> None:
+    """Decode every pixel of the current frame, mapping Pillow's errors to reasons."""
+    try:
+        image.load()
+        if image.mode not in COMMON_MODES:
+            image.convert("RGB")
+    except Image.DecompressionBombError as error:
+        raise RejectedError("decompression_bomb", str(error)) from None
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as error:
+        raise RejectedError(_reason_for_decode_error(error), str(error)) from None
+
+
+def check_image(
+    path: str | Path,
+    min_side: int = DEFAULT_MIN_SIDE,
+    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> str | None:
+    """Why the image at `path` is unfit for training, or None when it is fine.
+
+    The size checks run on the header, then the whole image is decoded, so truncated and corrupt
+    files are caught (header sniffing would miss them). The file is never changed.
+
+    Args:
+        min_side: the shorter side must be at least this many pixels (0 disables the check).
+        max_aspect_ratio: long side / short side must not exceed this (0 disables the check).
+        max_pixels: the decompression-bomb limit, see `open_image`.
+    """
+    try:
+        if not os.path.isfile(path):
+            return "missing_file"
+        if os.path.getsize(path) == 0:
+            return "empty"
+        with open_image(path, max_pixels) as image:
+            short_side, long_side = sorted(image.size)
+            if min_side and short_side < min_side:
+                return "too_small"
+            if max_aspect_ratio and long_side / short_side > max_aspect_ratio:
+                return "bad_aspect_ratio"
+            decode_fully(image)
+    except RejectedError as error:
+        return error.reason
+    except OSError:
+        return "unreadable"
+    return None
+
+
+def check_images(
+    paths: Sequence[str], min_side: int, max_aspect_ratio: float, max_pixels: int
+) -> list[str | None]:
+    """`check_image` over a batch of paths: one task for a worker process."""
+    return [check_image(path, min_side, max_aspect_ratio, max_pixels) for path in paths]
+
+
+def _start_quiet_worker() -> None:
+    """Worker set-up: Ctrl-C is the parent's to handle; bombs are reported, not warned about."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+
+
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """Fork on Linux: workers inherit the imported modules instead of importing them again."""
+    return multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+
+
+def _batches(rows: Iterable[dict[str, str]], size: int) -> Iterator[list[dict[str, str]]]:
+    batch: list[dict[str, str]] = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def row_reason(row: dict[str, str], image_root: str | Path) -> tuple[str | None, Path | None]:
+    """`(reason, None)` for a row that fails without opening its image, else `(None, image path)`."""
+    if not (row.get("text") or "").strip():
+        return "missing_text", None
+    try:
+        return None, safe_image_path(image_root, row.get("filename") or "")
+    except RejectedError as error:
+        return error.reason, None
+
+
+def check_rows(
+    rows: Iterable[dict[str, str]],
+    image_root: str | Path,
+    workers: int,
+    min_side: int = DEFAULT_MIN_SIDE,
+    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    batch_size: int = 64,
+) -> Iterator[tuple[dict[str, str], str | None]]:
+    """Yield `(row, reason)` in input order, `reason` None for a row to keep.
+
+    Images are decoded in `workers` processes (0: in this process), in batches of `batch_size`;
+    at most `4 * workers` batches are in flight, so memory stays flat however long `rows` is.
+    """
+    limits = (min_side, max_aspect_ratio, max_pixels)
+    if workers == 0:
+        for row in rows:
+            reason, path = row_reason(row, image_root)
+            yield row, reason if path is None else check_image(path, *limits)
+        return
+    executor = ProcessPoolExecutor(workers, mp_context=_worker_context(), initializer=_start_quiet_worker)
+    try:
+        executor.submit(int).result()  # start the workers now, before any other thread exists
+        in_flight: deque[tuple[list[dict[str, str]], list, Future]] = deque()
+        for batch in _batches(rows, batch_size):
+            checked = [row_reason(row, image_root) for row in batch]
+            paths = [str(path) for _, path in checked if path is not None]
+            in_flight.append((batch, checked, executor.submit(check_images, paths, *limits)))
+            if len(in_flight) >= 4 * workers:
+                yield from _merge_batch(*in_flight.popleft())
+        while in_flight:
+            yield from _merge_batch(*in_flight.popleft())
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _merge_batch(
+    batch: list[dict[str, str]], checked: list[tuple[str | None, Path | None]], future: Future
+) -> Iterator[tuple[dict[str, str], str | None]]:
+    image_reasons = iter(future.result())
+    for row, (reason, path) in zip(batch, checked, strict=True):
+        yield row, reason if path is None else next(image_reasons)
+
+
+class InputError(Exception):
+    """Input the user must fix (a missing file or column, a malformed CSV); the message says which."""
+
+
+def read_csv_header(path: str | Path, required: Sequence[str]) -> list[str]:
+    """The column names of the CSV at `path`, after checking it exists and has `required` columns."""
+    if not Path(path).is_file():
+        raise InputError(f"{path}: no such file")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as file:
+            header = next(csv.reader(file), None)
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise InputError(f"{path}: cannot read it as a UTF-8 CSV ({error})") from None
+    if not header:
+        raise InputError(f"{path}: empty file, expected a header with columns {', '.join(required)}")
+    missing = [column for column in required if column not in header]
+    if missing:
+        raise InputError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(header)}")
+    return header
+
+
+def count_csv_rows(path: str | Path) -> int:
+    """The number of data rows; reads the whole file, so a malformed CSV fails before any work."""
+    with open(path, newline="", encoding="utf-8-sig") as file:
+        reader = csv.reader(file)
+        try:
+            return max(0, sum(1 for _ in reader) - 1)
+        except (UnicodeDecodeError, csv.Error) as error:
+            raise InputError(f"{path}: malformed CSV near line {reader.line_num + 1} ({error})") from None
+
+
+def iter_csv_rows(path: str | Path) -> Iterator[dict[str, str]]:
+    """Stream the rows of a CSV as dicts; missing values are empty strings, extra values dropped."""
+    with open(path, newline="", encoding="utf-8-sig") as file:
+        for row in csv.DictReader(file):
+            yield {key: value or "" for key, value in row.items() if key is not None}
+
+
+class AtomicCsvWriter:
+    """CSV rows written to a hidden temp file beside `path`, moved into place only by `commit()`.
+
+    Leaving the `with` block without `commit()` (an error, Ctrl-C) removes the temp file, so
+    `path` is either the old file or the complete new one.
+    """
+
+    def __init__(self, path: str | Path, fieldnames: Sequence[str]) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._temp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex}.part")
+        self._file = open(self._temp, "x", newline="", encoding="utf-8")
+        self._writer = csv.DictWriter(self._file, fieldnames, extrasaction="ignore")
+        self._writer.writeheader()
+
+    def write(self, row: dict[str, str]) -> None:
+        """Append one row (columns not in `fieldnames` are ignored)."""
+        self._writer.writerow(row)
+
+    def commit(self) -> None:
+        """Close and move the file into place."""
+        self._file.close()
+        os.replace(self._temp, self.path)
+
+    def discard(self) -> None:
+        """Close and remove the temp file; `path` is left as it was."""
+        self._file.close()
+        self._temp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "AtomicCsvWriter":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if not self._file.closed:
+            self.discard()

@@ -1,0 +1,146 @@
+"""Download the images of a `text,url,filename` CSV as small RGB JPEGs, resumably.
+
+    python download_image.py --input data/train.csv --output data/images [--threads 64]
+
+Re-running skips images already stored; `--retry_failed` retries only the rows of the last
+failure list. Writes `<output>/download_report.json` and `<output>/download_failed.csv`.
+"""
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+from PIL import Image
+from tqdm import tqdm
+
+from component.download import (
+    FAILED_NAME,
+    REPORT_NAME,
+    DownloadOptions,
+    DownloadReport,
+    ImageDownloader,
+    download_rows,
+    plan_downloads,
+    read_failed_filenames,
+)
+from component.image_check import InputError, count_csv_rows, iter_csv_rows, read_csv_header
+
+REQUIRED_COLUMNS = ("url", "filename")
+DEFAULTS = DownloadOptions()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line; every option has a default that works for a web-scale CSV."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--input", required=True, help="CSV with columns url and filename (and text)")
+    parser.add_argument("--output", required=True, help="directory the images are stored in")
+    parser.add_argument("--threads", type=int, default=64, help="parallel downloads (default 64)")
+    parser.add_argument(
+        "--timeout", type=float, default=DEFAULTS.timeout, help="connect/read timeout, seconds"
+    )
+    parser.add_argument(
+        "--deadline", type=float, default=DEFAULTS.deadline, help="total seconds per image, retries included"
+    )
+    parser.add_argument(
+        "--retries", type=int, default=DEFAULTS.retries, help="extra attempts after transient errors"
+    )
+    parser.add_argument("--backoff", type=float, default=DEFAULTS.backoff, help="first retry wait, seconds")
+    parser.add_argument(
+        "--max_bytes", type=int, default=DEFAULTS.max_bytes, help="largest body accepted, bytes"
+    )
+    parser.add_argument(
+        "--max_redirects", type=int, default=DEFAULTS.max_redirects, help="redirects followed"
+    )
+    parser.add_argument(
+        "--short_side",
+        type=int,
+        default=DEFAULTS.short_side,
+        help="shrink the shorter side to this; 0 keeps size",
+    )
+    parser.add_argument(
+        "--max_pixels", type=int, default=DEFAULTS.max_pixels, help="larger images are decompression bombs"
+    )
+    parser.add_argument(
+        "--retry_failed", action="store_true", help=f"retry only the rows in <output>/{FAILED_NAME}"
+    )
+    return parser.parse_args(argv)
+
+
+def build_options(args: argparse.Namespace) -> DownloadOptions:
+    """The per-image limits from the command line (a bad value raises ValueError naming it)."""
+    if args.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {args.threads}")
+    return DownloadOptions(
+        timeout=args.timeout,
+        deadline=args.deadline,
+        max_bytes=args.max_bytes,
+        retries=args.retries,
+        backoff=args.backoff,
+        max_redirects=args.max_redirects,
+        short_side=args.short_side,
+        max_pixels=args.max_pixels,
+    )
+
+
+def print_summary(report: dict, output: Path) -> None:
+    """One line of totals, then the failure reasons, most common first."""
+    state = "interrupted after" if report["interrupted"] else "finished"
+    print(
+        f"{state} {report['total']} rows: {report['ok']} downloaded, {report['skipped']} already there, "
+        f"{report['failed']} failed ({report['ok_per_s']} images/s)"
+    )
+    for reason, count in report["failure_reasons"].items():
+        print(f"  {reason:<24} {count}")
+    print(f"report: {output / REPORT_NAME}; failed rows: {output / FAILED_NAME}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Download every row's image; exit 0 when the run completed, even with failed rows."""
+    args = parse_args(argv)
+    output = Path(args.output)
+    # 1. Check the input and the options before any work.
+    try:
+        options = build_options(args)
+        fieldnames = read_csv_header(args.input, REQUIRED_COLUMNS)
+        total = count_csv_rows(args.input)
+        output.mkdir(parents=True, exist_ok=True)
+        retry_names = read_failed_filenames(output) if args.retry_failed else None
+    except (InputError, ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    # 2. Stream the rows: all of them, or only those of the last failure list.
+    rows = iter_csv_rows(args.input)
+    if retry_names is not None:
+        rows = (row for row in rows if row.get("filename", "") in retry_names)
+        total = len(retry_names)
+    # 3. Download, counting every finished row into the report.
+    report = DownloadReport(output, fieldnames)
+    with tqdm(total=total, unit="img", desc="download", dynamic_ncols=True) as bar:
+
+        def record(row: dict[str, str], outcome: str) -> None:
+            report.record(row, outcome)
+            bar.update()
+            bar.set_postfix(ok=report.counts["ok"], failed=report.counts["failed"], refresh=False)
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused as a reason instead
+            try:
+                interrupted = download_rows(
+                    plan_downloads(rows, output), ImageDownloader(options), args.threads, record
+                )
+            except OSError as error:  # the disk is full or read-only: no later row can succeed
+                report.discard()
+                print(f"\nerror: cannot write images to {output}: {error}", file=sys.stderr)
+                return 1
+    # 4. Save the report; an interrupted retry keeps the old failure list, which still holds the rest.
+    details = {"input": str(args.input), "output": str(output), "retry_failed": args.retry_failed}
+    saved = report.save(
+        {**details, "interrupted": interrupted}, keep_old_failure_list=interrupted and args.retry_failed
+    )
+    print_summary(saved, output)
+    return 130 if interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
