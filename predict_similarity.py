@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--model_name_or_path",
         required=True,
-        help="a BertCLIP, transformers ChineseCLIP or original CLIP-Chinese checkpoint directory",
+        help="a BertCLIP, ChineseCLIP or original CLIP-Chinese checkpoint: a directory or hub name",
     )
     parser.add_argument(
         "--mode",
