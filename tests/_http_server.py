@@ -1,13 +1,21 @@
-"""A loopback HTTP server for the data-tool tests: canned routes, request counts, 127.0.0.1 only."""
+"""Helpers for the data-tool tests: a loopback HTTP server (127.0.0.1 only) and small test images."""
 
+import io
+import struct
 import threading
 import time
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
+
+from PIL import Image
+
+RED = (220, 20, 20)
+BLUE = (20, 20, 220)
 
 
 @dataclass
@@ -26,6 +34,7 @@ class Route:
     delay: float = 0.0
     drip: float = 0.0
     content_length: int | None = None  # overrides the real length (a short body then looks cut off)
+    send_length: bool = True  # False: no Content-Length, the body ends when the connection closes
 
 
 class LoopbackServer:
@@ -68,7 +77,10 @@ class LoopbackServer:
                 for name, value in headers.items():
                     self.send_header(name, value)
                 length = route.content_length if route.content_length is not None else len(body)
-                self.send_header("Content-Length", str(length))
+                if route.send_length:
+                    self.send_header("Content-Length", str(length))
+                else:
+                    self.close_connection = True
                 self.end_headers()
                 try:
                     if route.drip:
@@ -98,3 +110,28 @@ class LoopbackServer:
         finally:
             self._server.shutdown()
             self._server.server_close()
+
+
+def two_tone(size: tuple[int, int], mode: str = "RGB") -> Image.Image:
+    """An image whose top half is red and bottom half blue, so orientation can be checked."""
+    image = Image.new("RGB", size, RED)
+    image.paste(BLUE, (0, size[1] // 2, size[0], size[1]))
+    return image.convert(mode)
+
+
+def encode(image: Image.Image, image_format: str, **params: object) -> bytes:
+    """The bytes of `image` saved in `image_format`."""
+    buffer = io.BytesIO()
+    image.save(buffer, image_format, **params)
+    return buffer.getvalue()
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims `width` x `height` pixels: a decompression bomb's shape."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    pixels = zlib.compress(b"\0" * 1024)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
