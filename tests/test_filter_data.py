@@ -1,0 +1,185 @@
+"""filter_data.py end to end on a directory of good and bad images, and check_image case by case."""
+
+import csv
+import hashlib
+from pathlib import Path
+
+import pytest
+from _http_server import encode, png_claiming, two_tone
+from PIL import Image
+
+import filter_data
+from component.image_check import check_image
+
+JPEG = encode(two_tone((60, 40)), "JPEG")
+IMAGES = {  # filename: (bytes, reason or None)
+    "good.jpg": (JPEG, None),
+    "good.png": (encode(two_tone((40, 60)), "PNG"), None),
+    "good.webp": (encode(two_tone((40, 40)), "WEBP"), None),
+    "gray.jpg": (encode(two_tone((40, 40), "L"), "JPEG"), None),
+    "子目录/猫.jpg": (JPEG, None),
+    "truncated.jpg": (JPEG[: len(JPEG) // 2], "truncated"),
+    "empty.jpg": (b"", "empty"),
+    "html.jpg": (b"<html>not an image</html>", "not_an_image"),
+    "tiny.jpg": (encode(two_tone((5, 5)), "JPEG"), "too_small"),
+    "banner.jpg": (encode(two_tone((300, 20)), "JPEG"), "bad_aspect_ratio"),
+    "bomb.png": (png_claiming(30_000, 30_000), "decompression_bomb"),
+    "over_limit.png": (encode(Image.new("L", (1200, 1000)), "PNG"), "decompression_bomb"),
+}
+ROWS = [  # text, filename, reason
+    *[("一只猫", name, reason) for name, (_, reason) in IMAGES.items()],
+    ("一只狗", "missing.jpg", "missing_file"),
+    ("", "good.jpg", "missing_text"),
+    ("   ", "good.jpg", "missing_text"),
+    ("文字", "", "missing_filename"),
+    ("文字", "../outside.jpg", "unsafe_filename"),
+    ("文字", "/etc/hostname", "unsafe_filename"),
+    ("文字", "子目录", "missing_file"),  # a directory, not an image
+]
+LIMITS = ["--min_side", "10", "--max_aspect_ratio", "10", "--max_pixels", "1000000"]
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as file:
+        return list(csv.DictReader(file))
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    """A CSV of ROWS (plus an extra column) and its image directory."""
+    images = tmp_path / "images"
+    for name, (data, _) in IMAGES.items():
+        (images / name).parent.mkdir(parents=True, exist_ok=True)
+        (images / name).write_bytes(data)
+    (tmp_path / "outside.jpg").write_bytes(JPEG)
+    csv_path = tmp_path / "train.csv"
+    with open(csv_path, "w", newline="", encoding="utf-8") as file:
+        writer = csv.writer(file)
+        writer.writerow(["text", "url", "filename", "source"])
+        for index, (text, filename, _) in enumerate(ROWS):
+            writer.writerow([text, f"http://example.invalid/{index}", filename, f"s{index}"])
+    return csv_path, images
+
+
+def run(dataset, workers: int, output_name: str = "train.filtered.csv") -> Path:
+    csv_path, images = dataset
+    output = csv_path.parent / output_name
+    argv = ["--input", str(csv_path), "--image_path", str(images), "--output", str(output)]
+    assert filter_data.main([*argv, "--workers", str(workers), *LIMITS]) == 0
+    return output
+
+
+def test_kept_rows_are_the_good_ones_in_input_order_with_all_columns(dataset):
+    kept = read_rows(run(dataset, workers=2))
+    expected = [(text, name) for text, name, reason in ROWS if reason is None]
+    assert [(row["text"], row["filename"]) for row in kept] == expected
+    assert all(row["source"] and row["url"] for row in kept)
+
+
+def test_rejected_rows_carry_their_reason(dataset):
+    output = run(dataset, workers=2)
+    rejected = read_rows(output.with_name("train.filtered.rejected.csv"))
+    expected = [(text, name, reason) for text, name, reason in ROWS if reason is not None]
+    assert [(row["text"], row["filename"], row["reason"]) for row in rejected] == expected
+
+
+def test_worker_processes_agree_with_a_single_process_run(dataset):
+    parallel = run(dataset, workers=2, output_name="parallel.csv")
+    serial = run(dataset, workers=0, output_name="serial.csv")
+    assert parallel.read_text() == serial.read_text()
+    assert (
+        parallel.with_name("parallel.rejected.csv").read_text()
+        == serial.with_name("serial.rejected.csv").read_text()
+    )
+
+
+def test_images_are_never_changed_or_deleted(dataset):
+    images = dataset[1]
+    before = {
+        path: hashlib.sha256(path.read_bytes()).hexdigest() for path in images.rglob("*") if path.is_file()
+    }
+    run(dataset, workers=2)
+    after = {
+        path: hashlib.sha256(path.read_bytes()).hexdigest() for path in images.rglob("*") if path.is_file()
+    }
+    assert after == before
+
+
+def test_summary_counts_each_reason(dataset, capsys):
+    run(dataset, workers=0)
+    out = capsys.readouterr().out
+    kept = sum(reason is None for _, _, reason in ROWS)
+    assert f"kept {kept} of {len(ROWS)} rows" in out
+    assert "missing_text" in out and "decompression_bomb" in out
+
+
+def test_ctrl_c_writes_no_output(dataset, monkeypatch):
+    checked = filter_data.check_rows
+
+    def interrupted_after_three(*args, **kwargs):
+        for index, item in enumerate(checked(*args, **kwargs)):
+            if index == 3:
+                raise KeyboardInterrupt
+            yield item
+
+    monkeypatch.setattr(filter_data, "check_rows", interrupted_after_three)
+    csv_path, images = dataset
+    argv = [
+        "--input",
+        str(csv_path),
+        "--image_path",
+        str(images),
+        "--output",
+        str(csv_path.parent / "out.csv"),
+    ]
+    assert filter_data.main([*argv, "--workers", "2"]) == 130
+    assert sorted(path.name for path in csv_path.parent.iterdir()) == ["images", "outside.jpg", "train.csv"]
+
+
+def test_missing_input_exits_2_naming_the_file(tmp_path, capsys):
+    argv = [
+        "--input",
+        str(tmp_path / "nope.csv"),
+        "--image_path",
+        str(tmp_path),
+        "--output",
+        str(tmp_path / "o.csv"),
+    ]
+    assert filter_data.main(argv) == 2
+    assert "nope.csv" in capsys.readouterr().err
+
+
+def test_missing_column_exits_2_naming_it(tmp_path, capsys):
+    (tmp_path / "train.csv").write_text("caption,filename\na,b\n")
+    argv = [
+        "--input",
+        str(tmp_path / "train.csv"),
+        "--image_path",
+        str(tmp_path),
+        "--output",
+        str(tmp_path / "o.csv"),
+    ]
+    assert filter_data.main(argv) == 2
+    assert "text" in capsys.readouterr().err
+
+
+def test_output_equal_to_input_is_refused(dataset, capsys):
+    csv_path, images = dataset
+    argv = ["--input", str(csv_path), "--image_path", str(images), "--output", str(csv_path)]
+    before = csv_path.read_bytes()
+    assert filter_data.main(argv) == 2
+    assert csv_path.read_bytes() == before
+
+
+@pytest.mark.parametrize("name", sorted(IMAGES))
+def test_check_image(tmp_path, name):
+    data, reason = IMAGES[name]
+    path = tmp_path / "image"
+    path.write_bytes(data)
+    assert check_image(path, min_side=10, max_aspect_ratio=10, max_pixels=1_000_000) == reason
+
+
+def test_check_image_limits_can_be_switched_off(tmp_path):
+    path = tmp_path / "banner.jpg"
+    path.write_bytes(IMAGES["banner.jpg"][0])
+    assert check_image(path, min_side=0, max_aspect_ratio=0) is None
