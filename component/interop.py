@@ -38,6 +38,8 @@ def read_config_dict(path: str | Path) -> tuple[dict, str]:
             raise CheckpointError(f"{config_file}: not valid JSON ({error})") from error
     if local.exists():
         raise CheckpointError(f"{local}: is a file; give the directory that holds config.json")
+    if looks_local(str(path)):
+        raise CheckpointError(f"{local}: no such directory")
     from transformers import PreTrainedConfig
 
     try:
@@ -45,6 +47,11 @@ def read_config_dict(path: str | Path) -> tuple[dict, str]:
     except OSError as error:
         raise CheckpointError(f"{path}: no local directory or hub model of that name ({error})") from error
     return config_dict, f"{path}/config.json"
+
+
+def looks_local(path: str) -> bool:
+    """True for paths that cannot be hub ids ("org/name"): absolute, relative with ./ or ../, or deeper."""
+    return path.startswith(("/", ".", "~")) or path.count("/") > 1 or "\\" in path
 
 
 def _sub_config(config_dict: dict, key: str, source: str) -> dict:

@@ -1,0 +1,203 @@
+"""Training arguments: typed dataclasses read from one JSON file together with TrainingArguments."""
+
+import difflib
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from transformers import HfArgumentParser, TrainingArguments
+
+
+class ArgumentError(ValueError):
+    """A bad training configuration; the message names the file, key and value."""
+
+
+@dataclass
+class ModelArguments:
+    """Where the model starts from."""
+
+    clip_pretrain_path: str = field(
+        default="openai/clip-vit-base-patch32",
+        metadata={
+            "help": "CLIPModel checkpoint (hub id or directory) for the image tower and image processor."
+        },
+    )
+    bert_pretrain_path: str = field(
+        default="Langboat/mengzi-bert-base",
+        metadata={"help": "BertModel checkpoint (hub id or directory) for the text tower and tokenizer."},
+    )
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Continue from a BertCLIP, ChineseCLIP or original CLIP-Chinese checkpoint instead of "
+            "clip_pretrain_path + bert_pretrain_path."
+        },
+    )
+    load_from_bert_clip: bool = field(
+        default=False,
+        metadata={"help": "Old name: true means clip_pretrain_path is a whole BertCLIP checkpoint."},
+    )
+    text_pooling: str = field(
+        default="cls",
+        metadata={"help": "'cls' ([CLS] hidden state, as Chinese-CLIP) or 'pooler' (BERT pooler output)."},
+    )
+
+    def __post_init__(self):
+        if self.text_pooling not in ("cls", "pooler"):
+            raise ArgumentError(f"text_pooling must be 'cls' or 'pooler', got {self.text_pooling!r}")
+        if self.load_from_bert_clip and self.model_name_or_path is None:
+            self.model_name_or_path = self.clip_pretrain_path
+
+
+@dataclass
+class DataArguments:
+    """The image-text CSV files and how samples are read."""
+
+    train_file: str = field(default=None, metadata={"help": "CSV with columns text and filename (required)."})
+    test_file: str | None = field(
+        default=None, metadata={"help": "CSV for evaluation and retrieval metrics."}
+    )
+    image_path: str = field(default=None, metadata={"help": "Directory the CSV filenames are relative to."})
+    max_seq_length: int = field(default=64, metadata={"help": "Texts are truncated to this many tokens."})
+    max_bad_image_fraction: float = field(
+        default=0.01,
+        metadata={"help": "Stop training if more than this fraction of images fail to load."},
+    )
+    draft_decode: bool = field(
+        default=True,
+        metadata={
+            "help": "Decode large JPEGs at reduced size (PIL draft mode); much faster, nearly identical."
+        },
+    )
+
+    def __post_init__(self):
+        for name in ("train_file", "image_path"):
+            if not getattr(self, name):
+                raise ArgumentError(f"{name} is required")
+        if self.max_seq_length < 2:
+            raise ArgumentError(f"max_seq_length must be at least 2, got {self.max_seq_length}")
+        if not 0 <= self.max_bad_image_fraction <= 1:
+            raise ArgumentError(
+                f"max_bad_image_fraction must be in [0, 1], got {self.max_bad_image_fraction}"
+            )
+
+
+@dataclass
+class TowerArguments:
+    """Which towers train, and when the image tower unlocks (LiT, then Chinese-CLIP's second stage)."""
+
+    freeze_vision_model: bool = field(default=True, metadata={"help": "Lock the image tower (LiT)."})
+    freeze_vision_projection: bool = field(
+        default=True,
+        metadata={"help": "Also lock the image projection, so the image embedding space stays fixed (LiT)."},
+    )
+    freeze_text_model: bool = field(default=False, metadata={"help": "Lock the BERT text tower."})
+    unlock_vision_at: str | None = field(
+        default=None,
+        metadata={
+            "help": "Unlock the image tower at this optimizer step, or 'plateau': when eval_mean_recall "
+            "has not improved for unlock_patience evaluations."
+        },
+    )
+    unlock_patience: int = field(
+        default=2, metadata={"help": "Evaluations without improvement for 'plateau'."}
+    )
+    vision_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "Learning rate of the image tower once unlocked; default: learning_rate / 10."},
+    )
+    cache_image_features: bool = field(
+        default=False,
+        metadata={
+            "help": "LiT only: compute each image embedding once, store it on disk and train the text side "
+            "against it."
+        },
+    )
+    contrastive_accumulation_steps: int = field(
+        default=1,
+        metadata={
+            "help": "Gradient caching: contrast K micro-batches at once; the loss sees K x batch negatives."
+        },
+    )
+
+    def __post_init__(self):
+        if isinstance(self.unlock_vision_at, int | float) and not isinstance(self.unlock_vision_at, bool):
+            self.unlock_vision_at = str(int(self.unlock_vision_at))
+        value = self.unlock_vision_at
+        if value is not None and value != "plateau" and not (value.isdigit() and int(value) >= 0):
+            raise ArgumentError(f"unlock_vision_at must be a step number or 'plateau', got {value!r}")
+        if value is not None and not self.freeze_vision_model:
+            raise ArgumentError(
+                "unlock_vision_at needs freeze_vision_model: true (there is nothing to unlock)"
+            )
+        if self.unlock_patience < 1:
+            raise ArgumentError(f"unlock_patience must be at least 1, got {self.unlock_patience}")
+        if self.vision_learning_rate is not None and self.vision_learning_rate < 0:
+            raise ArgumentError(f"vision_learning_rate must be >= 0, got {self.vision_learning_rate}")
+        if self.cache_image_features and not (self.freeze_vision_model and self.freeze_vision_projection):
+            raise ArgumentError("cache_image_features needs freeze_vision_model and freeze_vision_projection")
+        if self.cache_image_features and value is not None:
+            raise ArgumentError("cache_image_features cannot be combined with unlock_vision_at")
+        if self.contrastive_accumulation_steps < 1:
+            raise ArgumentError(
+                f"contrastive_accumulation_steps must be >= 1, got {self.contrastive_accumulation_steps}"
+            )
+
+    @property
+    def unlock_step(self) -> int | None:
+        """The step of a fixed unlock, or None."""
+        return int(self.unlock_vision_at) if self.unlock_vision_at not in (None, "plateau") else None
+
+
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, TowerArguments, TrainingArguments)
+
+# Our defaults for TrainingArguments where the library's do not suit CLIP training.
+# Frozen towers are left out of DDP, so every parameter it sees gets a gradient.
+TRAINING_DEFAULTS = {
+    "report_to": "none",
+    "logging_steps": 10,
+    "save_total_limit": 2,
+    "ddp_find_unused_parameters": False,
+}
+
+
+def known_keys() -> set[str]:
+    return {f.name for cls in ARGUMENT_CLASSES for f in fields(cls) if f.init}
+
+
+def parse_train_args(
+    path: str | Path,
+) -> tuple[ModelArguments, DataArguments, TowerArguments, TrainingArguments]:
+    """Read and validate a JSON arg file; unknown keys and bad values raise ArgumentError naming them."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArgumentError(f"{path}: no such arg file")
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ArgumentError(f"{path}: not valid JSON ({error})") from error
+    if not isinstance(values, dict):
+        raise ArgumentError(f"{path}: expected a JSON object of argument names to values")
+    unknown = sorted(set(values) - known_keys())
+    if unknown:
+        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, known_keys(), 1)) else k
+                 for k in unknown]  # fmt: skip
+        raise ArgumentError(f"{path}: unknown key(s): {', '.join(hints)}")
+    values = {**TRAINING_DEFAULTS, **values}
+    values["remove_unused_columns"] = False  # the collator needs the raw text and image columns
+    try:
+        model_args, data_args, tower_args, training_args = HfArgumentParser(ARGUMENT_CLASSES).parse_dict(
+            values
+        )
+    except ArgumentError as error:
+        raise ArgumentError(f"{path}: {error}") from error
+    except (ValueError, TypeError) as error:
+        raise ArgumentError(f"{path}: {error}") from error
+    if tower_args.unlock_vision_at is not None and training_args.deepspeed:
+        raise ArgumentError(
+            f"{path}: unlock_vision_at is not supported with deepspeed; train the second stage as its own "
+            "run (see train_args/train_clip_stage2.json)"
+        )
+    if tower_args.unlock_vision_at == "plateau" and not data_args.test_file:
+        raise ArgumentError(f"{path}: unlock_vision_at 'plateau' needs a test_file to measure recall on")
+    return model_args, data_args, tower_args, training_args

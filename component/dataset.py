@@ -1,0 +1,128 @@
+"""Image-text rows from a CSV, stored compactly, and a dataset that never fails on a bad image."""
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from torch.utils.data import Dataset
+
+from component.processor import ImageTransform
+
+logger = logging.getLogger(__name__)
+
+REQUIRED_COLUMNS = ("text", "filename")
+
+
+class StringColumn:
+    """Strings packed into one UTF-8 buffer plus offsets.
+
+    A list of millions of Python strings is copied page by page into every forked DataLoader
+    worker as reference counts change; two numpy arrays are shared and never written.
+    """
+
+    def __init__(self, strings: list[str] | np.ndarray | pd.Series):
+        encoded = [str(s).encode("utf-8") for s in strings]
+        lengths = np.fromiter((len(b) for b in encoded), dtype=np.int64, count=len(encoded))
+        self.offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=self.offsets[1:])
+        self.buffer = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, index: int) -> str:
+        start, end = self.offsets[index], self.offsets[index + 1]
+        return self.buffer[start:end].tobytes().decode("utf-8")
+
+    def tolist(self) -> list[str]:
+        return [self[i] for i in range(len(self))]
+
+
+@dataclass
+class ImageTextRows:
+    """The usable rows of an image-text CSV."""
+
+    texts: StringColumn
+    filenames: StringColumn
+    source: str
+    dropped_blank_text: int = 0
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+def read_image_text_csv(path: str | Path) -> ImageTextRows:
+    """Read `text` and `filename` columns (others ignored); rows with missing or blank text are dropped."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such CSV file")
+    try:
+        frame = pd.read_csv(path, usecols=lambda c: c in REQUIRED_COLUMNS, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as error:
+        raise ValueError(f"{path}: cannot be read as CSV ({error})") from error
+    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}; expected a header with text and filename")
+    keep = (frame["text"].str.strip() != "") & (frame["filename"].str.strip() != "")
+    dropped = int((~keep).sum())
+    if dropped:
+        logger.warning(f"{path}: dropped {dropped} row(s) with blank text or filename")
+    frame = frame[keep]
+    if frame.empty:
+        raise ValueError(f"{path}: no rows with both text and filename")
+    return ImageTextRows(StringColumn(frame["text"]), StringColumn(frame["filename"]), str(path), dropped)
+
+
+def coprime_stride(n: int) -> int:
+    """A jump of about n/2 that visits every row before repeating (gcd(stride, n) == 1)."""
+    stride = max(1, n // 2 + 1)
+    while math.gcd(stride, n) != 1:
+        stride += 1
+    return stride
+
+
+class ImageTextDataset(Dataset):
+    """Raw samples: the caption, the image as a resized uint8 array, and bookkeeping.
+
+    An image that fails to load is replaced by the next loadable row at a fixed stride, so the
+    batch keeps its size and reruns see the same replacement; the failure is reported in the
+    sample ("bad_images") for the trainer to count.
+    """
+
+    def __init__(
+        self, rows: ImageTextRows, image_path: str | Path, transform: ImageTransform, draft: bool = True
+    ):
+        self.rows = rows
+        self.image_path = Path(image_path)
+        self.transform = transform
+        self.draft = draft
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def load_image(self, index: int) -> np.ndarray:
+        image = self.transform.load(self.image_path / self.rows.filenames[index], draft=self.draft)
+        return self.transform(image)
+
+    def __getitem__(self, index: int) -> dict:
+        bad_images = []
+        stride = coprime_stride(len(self))
+        candidate = index
+        for _ in range(min(len(self), 100)):
+            try:
+                image = self.load_image(candidate)
+                break
+            except Exception as error:  # any undecodable file; never crash a long run
+                bad_images.append(f"{self.rows.filenames[candidate]}: {type(error).__name__}: {error}")
+                candidate = (candidate + stride) % len(self)
+        else:
+            raise RuntimeError(f"{self.image_path}: 100 images in a row failed to load; is image_path right?")
+        return {
+            "text": self.rows.texts[candidate],
+            "image": image,
+            "index": candidate,
+            "bad_images": bad_images,
+        }

@@ -1,0 +1,270 @@
+"""The Hugging Face Trainer, taught contrastive loss, retrieval evaluation and tower unlocking."""
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import ExportableState
+
+from component.freezing import parameter_groups, unlock_vision_tower
+from component.loss import MAX_LOGIT_SCALE
+from component.metrics import retrieval_metrics
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_MARKER = "checkpoint_complete.json"
+
+
+class BadImageError(RuntimeError):
+    """Too many images failed to load for the run to be trustworthy."""
+
+
+class BadImageTracker:
+    """Counts replaced images, logs the first few and then every `log_every`-th, enforces a ceiling."""
+
+    def __init__(self, max_fraction: float, min_samples: int, log_first: int = 10, log_every: int = 1000):
+        self.max_fraction = max_fraction
+        self.min_samples = min_samples
+        self.log_first = log_first
+        self.log_every = log_every
+        self.samples = 0
+        self.bad = 0
+
+    def update(self, batch_size: int, bad_images: list[str]) -> None:
+        self.samples += batch_size
+        for message in bad_images:
+            self.bad += 1
+            if self.bad <= self.log_first or self.bad % self.log_every == 0:
+                logger.warning(f"bad image #{self.bad} replaced by another row: {message}")
+        if self.samples >= self.min_samples and self.bad > self.max_fraction * self.samples:
+            raise BadImageError(
+                f"{self.bad} of {self.samples} images failed to load ({self.bad / self.samples:.1%}), "
+                f"more than max_bad_image_fraction={self.max_fraction}. Run filter_data.py on the CSV, "
+                "or raise max_bad_image_fraction in the arg file."
+            )
+
+
+class CLIPTrainer(Trainer):
+    """Trainer with the contrastive loss, whole-test-set retrieval metrics and per-tower learning rates."""
+
+    def __init__(self, *args, tower_args, bad_image_tracker: BadImageTracker, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tower_args = tower_args
+        self.bad_image_tracker = bad_image_tracker
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        bad_images = inputs.pop("bad_images", [])
+        inputs.pop("sample_index", None)
+        if model.training:
+            self.bad_image_tracker.update(len(inputs["input_ids"]), bad_images)
+        outputs = model(**inputs, return_loss=True)
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            groups = parameter_groups(
+                self.model,
+                learning_rate=self.args.learning_rate,
+                weight_decay=self.args.weight_decay,
+                vision_learning_rate=self.tower_args.vision_learning_rate,
+                include_locked_vision=self.tower_args.unlock_vision_at is not None,
+            )
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+            optimizer_kwargs.pop("lr", None)
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._sync_unlocked_vision_gradients()
+        return loss
+
+    def _sync_unlocked_vision_gradients(self) -> None:
+        # DDP only synchronises parameters that were trainable when it wrapped the model; an image
+        # tower unlocked later is averaged here. Averaging already-equal gradients changes nothing,
+        # so this is also right for gradients DDP has synchronised.
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return
+        if self.tower_args.unlock_vision_at is None or not unwrapped.visual_projection.weight.requires_grad:
+            return
+        for parameter in (*unwrapped.vision_model.parameters(), unwrapped.visual_projection.weight):
+            if parameter.grad is not None:
+                dist.all_reduce(parameter.grad)
+                parameter.grad /= dist.get_world_size()
+
+    @torch.no_grad()
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
+        """eval_loss plus image<->text recall@1/5/10 over the whole test set."""
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        dataloader = self.get_eval_dataloader(dataset)
+        model = self.accelerator.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        totals = {"loss": 0.0, "samples": 0}
+        image_parts, text_parts, index_parts = [], [], []
+        for batch in tqdm(
+            dataloader, desc="evaluating", disable=not self.is_world_process_zero(), leave=False
+        ):
+            batch = self._prepare_inputs(batch)
+            batch.pop("bad_images", None)
+            sample_index = batch.pop("sample_index")
+            with self.accelerator.autocast():
+                outputs = model(**batch, return_loss=True)
+            totals["loss"] += outputs.loss.item() * len(sample_index)
+            totals["samples"] += len(sample_index)
+            images, texts, indices = self.accelerator.gather_for_metrics(
+                (outputs.image_embeds.float(), outputs.text_embeds.float(), sample_index)
+            )
+            image_parts.append(images.cpu())
+            text_parts.append(texts.cpu())
+            index_parts.append(indices.cpu())
+        model.train(was_training)
+        loss = torch.tensor([totals["loss"], totals["samples"]], device=self.args.device)
+        loss = self.accelerator.reduce(loss, reduction="sum")
+        metrics = {f"{metric_key_prefix}_loss": (loss[0] / loss[1]).item()}
+        recall = dataset_retrieval_metrics(
+            dataset, torch.cat(image_parts), torch.cat(text_parts), torch.cat(index_parts)
+        )
+        metrics.update({f"{metric_key_prefix}_{name}": value for name, value in recall.items()})
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+
+def dataset_retrieval_metrics(dataset, image_embeds, text_embeds, sample_index) -> dict[str, float]:
+    """Retrieval metrics where rows with the same image file count as one image."""
+    filenames = [dataset.rows.filenames[int(i)] for i in sample_index]
+    first_row_of: dict[str, int] = {}
+    for row, filename in enumerate(filenames):
+        first_row_of.setdefault(filename, row)
+    image_rows = torch.tensor(list(first_row_of.values()))
+    image_number = {filename: n for n, filename in enumerate(first_row_of)}
+    text_to_image = torch.tensor([image_number[f] for f in filenames])
+    return retrieval_metrics(image_embeds[image_rows], text_embeds, text_to_image)
+
+
+class LogitScaleClampCallback(TrainerCallback):
+    """Keep the learned logit scale at most ln(100) after every optimizer step, as CLIP does."""
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        with torch.no_grad():
+            model.logit_scale.clamp_(max=MAX_LOGIT_SCALE)
+
+
+class VisionUnlockCallback(TrainerCallback, ExportableState):
+    """Unlock the image tower at a fixed step, or when eval_mean_recall stops improving."""
+
+    def __init__(self, unlock_step: int | None = None, plateau_patience: int | None = None):
+        self.unlock_step = unlock_step
+        self.plateau_patience = plateau_patience
+        self.unlocked_at: int | None = None
+        self.best_recall: float | None = None
+        self.evaluations_since_best = 0
+
+    def state(self) -> dict:
+        return {
+            "args": {"unlock_step": self.unlock_step, "plateau_patience": self.plateau_patience},
+            "attributes": {
+                "unlocked_at": self.unlocked_at,
+                "best_recall": self.best_recall,
+                "evaluations_since_best": self.evaluations_since_best,
+            },
+        }
+
+    def unlock(self, model, state, reason: str) -> None:
+        unlock_vision_tower(model)
+        self.unlocked_at = state.global_step
+        logger.warning(f"step {state.global_step}: unlocking the image tower ({reason})")
+        state.log_history.append({"step": state.global_step, "vision_unlocked": reason})
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        saved = (state.stateful_callbacks or {}).get(type(self).__name__)
+        if isinstance(saved, dict):  # a resumed run: carry on where the checkpoint left off
+            for name, value in saved.get("attributes", {}).items():
+                setattr(self, name, value)
+        if self.unlocked_at is not None:
+            unlock_vision_tower(model)
+            logger.warning(f"image tower unlocked since step {self.unlocked_at} (restored from checkpoint)")
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if (
+            self.unlocked_at is None
+            and self.unlock_step is not None
+            and state.global_step >= self.unlock_step
+        ):
+            self.unlock(model, state, f"unlock_vision_at={self.unlock_step}")
+
+    def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
+        recall = (metrics or {}).get("eval_mean_recall")
+        if self.plateau_patience is None or recall is None or self.unlocked_at is not None:
+            return
+        if self.best_recall is None or recall > self.best_recall:
+            self.best_recall, self.evaluations_since_best = recall, 0
+            return
+        self.evaluations_since_best += 1
+        if self.evaluations_since_best >= self.plateau_patience:
+            best, patience = self.best_recall, self.plateau_patience
+            reason = f"eval_mean_recall has not improved on {best:.4f} for {patience} evaluations"
+            self.unlock(model, state, reason)
+
+
+class CheckpointMarkerCallback(TrainerCallback):
+    """Mark a checkpoint complete once every file of it is written, so a resume never picks a torn one."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if not args.should_save:
+            return
+        directory = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if directory.is_dir():
+            write_json_atomic(directory / CHECKPOINT_MARKER, {"global_step": state.global_step})
+
+
+def write_json_atomic(path: Path, data) -> None:
+    """Write JSON to a temporary file, flush it to disk, then rename it into place."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "w", encoding="utf-8") as file:
+        json.dump(data, file, ensure_ascii=False, indent=2)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+
+
+def newest_complete_checkpoint(output_dir: str | Path) -> str | None:
+    """The checkpoint with the highest step whose completion marker exists, or None."""
+    candidates = []
+    for directory in Path(output_dir).glob("checkpoint-*"):
+        step = directory.name.removeprefix("checkpoint-")
+        if step.isdigit() and (directory / CHECKPOINT_MARKER).is_file():
+            candidates.append((int(step), directory))
+    return str(max(candidates)[1]) if candidates else None
+
+
+def min_samples_before_bad_image_check(dataset_size: int) -> int:
+    """Judge the bad-image fraction only once a fair share of the data has been seen."""
+    return max(1, min(dataset_size, 1000))
+
+
+def log_final_summary(train_metrics: dict, eval_metrics: dict | None) -> str:
+    """A short human-readable summary of the run's final metrics."""
+    lines = [f"train_loss {train_metrics.get('train_loss', math.nan):.4f} "
+             f"in {train_metrics.get('train_runtime', math.nan):.1f}s"]  # fmt: skip
+    if eval_metrics:
+        lines.append(
+            f"eval_loss {eval_metrics['eval_loss']:.4f}, "
+            f"eval_mean_recall {eval_metrics['eval_mean_recall']:.3f}"
+        )
+        lines.append(
+            "recall@1/5/10  image->text "
+            + " / ".join(f"{eval_metrics[f'eval_i2t_recall@{k}']:.3f}" for k in (1, 5, 10))
+            + "  text->image "
+            + " / ".join(f"{eval_metrics[f'eval_t2i_recall@{k}']:.3f}" for k in (1, 5, 10))
+        )
+    return "\n".join(lines)

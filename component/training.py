@@ -1,0 +1,115 @@
+"""One training run, step by step: build, load data, lock towers, train, evaluate, save."""
+
+import logging
+
+from transformers import TrainingArguments, set_seed
+
+from component.argument import DataArguments, ModelArguments, TowerArguments
+from component.collator import ImageTextCollator
+from component.dataset import ImageTextDataset, read_image_text_csv
+from component.freezing import apply_tower_locks
+from component.model import BertCLIPModel
+from component.processor import ImageTransform, build_processor, check_tokenizer_fits, load_processor
+from component.trainer import (
+    BadImageTracker,
+    CheckpointMarkerCallback,
+    CLIPTrainer,
+    LogitScaleClampCallback,
+    VisionUnlockCallback,
+    log_final_summary,
+    min_samples_before_bad_image_check,
+    newest_complete_checkpoint,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def build_model_and_processor(model_args: ModelArguments):
+    """A BertCLIP model and its processor, from one checkpoint or from a CLIP and a BERT checkpoint."""
+    if model_args.model_name_or_path:
+        source = model_args.model_name_or_path
+        model = BertCLIPModel.from_pretrained(source)
+        processor = load_processor(source)
+    else:
+        source = model_args.bert_pretrain_path
+        model = BertCLIPModel.from_vision_text_pretrained(
+            model_args.clip_pretrain_path, model_args.bert_pretrain_path, text_pooling=model_args.text_pooling
+        )
+        processor = build_processor(model_args.clip_pretrain_path, model_args.bert_pretrain_path)
+    check_tokenizer_fits(processor.tokenizer, model, source)
+    return model, processor
+
+
+def build_datasets(data_args: DataArguments, transform: ImageTransform):
+    """Training and (optional) test datasets over the CSV rows."""
+    train_rows = read_image_text_csv(data_args.train_file)
+    train = ImageTextDataset(train_rows, data_args.image_path, transform, draft=data_args.draft_decode)
+    test = None
+    if data_args.test_file:
+        test_rows = read_image_text_csv(data_args.test_file)
+        test = ImageTextDataset(test_rows, data_args.image_path, transform, draft=data_args.draft_decode)
+    logger.info(f"{len(train)} training rows" + (f", {len(test)} test rows" if test else ""))
+    return train, test
+
+
+def build_callbacks(tower_args: TowerArguments) -> list:
+    callbacks = [LogitScaleClampCallback(), CheckpointMarkerCallback()]
+    if tower_args.unlock_vision_at is not None:
+        patience = tower_args.unlock_patience if tower_args.unlock_vision_at == "plateau" else None
+        callbacks.append(VisionUnlockCallback(unlock_step=tower_args.unlock_step, plateau_patience=patience))
+    return callbacks
+
+
+def run_training(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    tower_args: TowerArguments,
+    training_args: TrainingArguments,
+    extra_callbacks: tuple = (),
+) -> dict:
+    """Train, evaluate and save; re-running the same arguments resumes from the newest complete checkpoint."""
+    # 1. Model, processor and data; seeded first so that new weights (the text projection) repeat.
+    set_seed(training_args.seed)
+    model, processor = build_model_and_processor(model_args)
+    transform = ImageTransform.from_processor(processor)
+    train_dataset, test_dataset = build_datasets(data_args, transform)
+    if test_dataset is not None and training_args.eval_strategy == "no":
+        logger.info("a test_file is given: it is evaluated once at the end (set eval_strategy for more)")
+
+    # 2. Which towers train.
+    apply_tower_locks(model, tower_args)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info(f"trainable parameters: {trainable:,} of {model.num_parameters():,}")
+
+    # 3. Train, resuming when an earlier run of this command left a checkpoint.
+    tracker = BadImageTracker(
+        data_args.max_bad_image_fraction, min_samples_before_bad_image_check(len(train_dataset))
+    )
+    trainer = CLIPTrainer(
+        model=model,
+        args=training_args,
+        data_collator=ImageTextCollator(processor, transform, data_args.max_seq_length),
+        train_dataset=train_dataset,
+        eval_dataset=test_dataset,
+        processing_class=processor,
+        callbacks=[*build_callbacks(tower_args), *extra_callbacks],
+        tower_args=tower_args,
+        bad_image_tracker=tracker,
+    )
+    resume = training_args.resume_from_checkpoint or newest_complete_checkpoint(training_args.output_dir)
+    if resume:
+        logger.warning(f"resuming from {resume}")
+    train_result = trainer.train(resume_from_checkpoint=resume)
+
+    # 4. Save the final model, processor and metrics.
+    trainer.save_model(training_args.output_dir)
+    train_metrics = {**train_result.metrics, "train_bad_images": tracker.bad}
+    trainer.save_metrics("train", train_metrics)
+    trainer.save_state()
+    eval_metrics = None
+    if test_dataset is not None:
+        eval_metrics = trainer.evaluate()
+        trainer.save_metrics("eval", eval_metrics)
+    if trainer.is_world_process_zero():
+        print(log_final_summary(train_metrics, eval_metrics), flush=True)
+    return {**train_metrics, **(eval_metrics or {})}

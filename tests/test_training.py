@@ -1,0 +1,340 @@
+"""train_clip.py end to end on tiny data, plus its parts: arguments, locking, bad images, metrics, resume."""
+
+import json
+import multiprocessing
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoProcessor, TrainerCallback
+
+import train_clip
+from component.argument import ArgumentError, parse_train_args
+from component.collator import ImageTextCollator
+from component.dataset import ImageTextDataset, StringColumn, read_image_text_csv
+from component.demo import all_combinations, write_split
+from component.freezing import apply_tower_locks, parameter_groups, unlock_vision_tower
+from component.metrics import retrieval_metrics
+from component.model import BertCLIPModel
+from component.processor import ImageTransform, load_processor
+from component.trainer import BadImageError, BadImageTracker, newest_complete_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def shapes_data(tmp_path_factory) -> Path:
+    """48 training and 20 test images of coloured shapes with Chinese captions."""
+    directory = tmp_path_factory.mktemp("shapes")
+    rng = random.Random(0)
+    combinations = all_combinations()
+    write_split(directory, "train", [rng.choice(combinations) for _ in range(48)], rng, vary_template=True)
+    write_split(directory, "test", combinations[:20], rng, vary_template=False)
+    return directory
+
+
+def write_args(path: Path, **values) -> Path:
+    path.write_text(json.dumps(values, ensure_ascii=False))
+    return path
+
+
+def tiny_run_args(tiny_towers, shapes_data, output_dir, **overrides) -> dict:
+    return {
+        "output_dir": str(output_dir),
+        "clip_pretrain_path": str(tiny_towers["clip"]),
+        "bert_pretrain_path": str(tiny_towers["bert"]),
+        "train_file": str(shapes_data / "train.csv"),
+        "test_file": str(shapes_data / "test.csv"),
+        "image_path": str(shapes_data / "images"),
+        "max_seq_length": 24,
+        "per_device_train_batch_size": 8,
+        "per_device_eval_batch_size": 16,
+        "learning_rate": 1e-3,
+        "max_steps": 6,
+        "logging_steps": 2,
+        "save_strategy": "no",
+        "use_cpu": True,
+        "dataloader_num_workers": 0,
+        "disable_tqdm": True,
+        "seed": 7,
+        **overrides,
+    }
+
+
+def weights(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(directory / "model.safetensors")
+
+
+# --- arguments -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "train_args").glob("*.json")), ids=lambda p: p.name)
+def test_every_shipped_config_parses(config):
+    _, data_args, _, training_args = parse_train_args(config)
+    assert training_args.remove_unused_columns is False
+    assert data_args.train_file and training_args.output_dir
+
+
+def test_misspelt_key_is_named(tmp_path):
+    path = write_args(
+        tmp_path / "a.json", output_dir="o", train_file="t.csv", image_path="i", learning_rat=1e-4
+    )
+    with pytest.raises(
+        ArgumentError, match=r"a\.json: unknown key\(s\): learning_rat \(did you mean learning_rate\?\)"
+    ):
+        parse_train_args(path)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("unlock_vision_at", "soon", "unlock_vision_at must be a step number or 'plateau', got 'soon'"),
+        ("max_bad_image_fraction", 2, "max_bad_image_fraction must be in"),
+        ("text_pooling", "mean", "text_pooling must be 'cls' or 'pooler'"),
+    ],
+)
+def test_bad_values_fail_with_the_value(tmp_path, key, value, message):
+    path = write_args(tmp_path / "a.json", output_dir="o", train_file="t.csv", image_path="i", **{key: value})
+    with pytest.raises(ArgumentError, match=message):
+        parse_train_args(path)
+
+
+def test_cli_reports_argument_errors_without_traceback(tmp_path, capsys):
+    path = write_args(tmp_path / "a.json", output_dir="o", image_path="i")
+    with pytest.raises(SystemExit) as exit_info:
+        train_clip.main(["--train_args_file", str(path)])
+    assert exit_info.value.code == 2
+    assert "error: " in (err := capsys.readouterr().err) and "train_file is required" in err
+
+
+# --- data ------------------------------------------------------------------------------------
+
+
+def test_string_column_round_trips_unicode():
+    strings = ["左上角有一个红色的圆形", "", "a,b", "😀 emoji"]
+    column = StringColumn(strings)
+    assert column.tolist() == strings and len(column) == 4
+
+
+def test_blank_text_rows_are_dropped_with_a_count(tmp_path):
+    path = tmp_path / "rows.csv"
+    path.write_text(
+        "text,url,filename\n一只猫,http://x/1.jpg,1.jpg\n  ,http://x/2.jpg,2.jpg\n,,3.jpg\n狗,,4.jpg\n"
+    )
+    rows = read_image_text_csv(path)
+    assert rows.texts.tolist() == ["一只猫", "狗"] and rows.filenames.tolist() == ["1.jpg", "4.jpg"]
+    assert rows.dropped_blank_text == 2
+
+
+def test_csv_without_filename_column_is_refused(tmp_path):
+    path = tmp_path / "rows.csv"
+    path.write_text("text,url\n一只猫,http://x/1.jpg\n")
+    with pytest.raises(ValueError, match=r"rows\.csv: missing column\(s\) \['filename'\]"):
+        read_image_text_csv(path)
+
+
+def test_bad_images_are_replaced_and_batch_keeps_its_size(shapes_data, tiny_checkpoint, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("train-0.jpg", "train-1.jpg", "train-2.jpg"):
+        (images / name).write_bytes((shapes_data / "images" / name).read_bytes())
+    (images / "train-1.jpg").write_bytes(
+        (shapes_data / "images" / "train-1.jpg").read_bytes()[:200]
+    )  # truncated
+    csv = tmp_path / "rows.csv"
+    csv.write_text("text,filename\n一,train-0.jpg\n二,train-1.jpg\n三,train-2.jpg\n四,missing.jpg\n")
+    processor = load_processor(tiny_checkpoint)
+    transform = ImageTransform.from_processor(processor)
+    dataset = ImageTextDataset(read_image_text_csv(csv), images, transform)
+    samples = [dataset[i] for i in range(4)]
+    assert [s["index"] for s in samples] == [0, dataset[1]["index"], 2, dataset[3]["index"]]
+    assert samples[1]["index"] != 1 and samples[3]["index"] != 3
+    assert dataset[1]["index"] == samples[1]["index"]  # the same replacement every time
+    batch = ImageTextCollator(processor, transform, 16)(samples)
+    assert batch["pixel_values"].shape == (4, 3, 30, 30) and batch["input_ids"].shape[0] == 4
+    assert len(batch["bad_images"]) == 2 and "missing.jpg" in " ".join(batch["bad_images"])
+    # the caption follows the replacement image, so every pair stays a true pair
+    assert samples[1]["text"] == dataset.rows.texts[samples[1]["index"]]
+
+
+def test_bad_image_tracker_stops_past_the_ceiling():
+    tracker = BadImageTracker(max_fraction=0.1, min_samples=20)
+    tracker.update(10, ["a", "b", "c"])  # 30 %, but too few samples yet to judge
+    with pytest.raises(BadImageError, match=r"max_bad_image_fraction=0\.1"):
+        tracker.update(10, [])
+
+
+# --- locking -----------------------------------------------------------------------------------
+
+
+def trainable_names(model) -> set[str]:
+    return {name for name, p in model.named_parameters() if p.requires_grad}
+
+
+def test_lit_locks_exactly_the_image_side(tiny_model):
+    from component.argument import TowerArguments
+
+    apply_tower_locks(tiny_model, TowerArguments())
+    names = trainable_names(tiny_model)
+    assert not any(n.startswith(("vision_model.", "visual_projection.")) for n in names)
+    assert {n for n in (name for name, _ in tiny_model.named_parameters()) if n not in names} == {
+        n for n, _ in tiny_model.named_parameters() if n.startswith(("vision_model.", "visual_projection."))
+    }
+    assert "logit_scale" in names and "text_projection.weight" in names
+
+    apply_tower_locks(tiny_model, TowerArguments(freeze_vision_projection=False, freeze_text_model=True))
+    names = trainable_names(tiny_model)
+    assert names == {"visual_projection.weight", "text_projection.weight", "logit_scale"}
+
+
+def test_unlock_reaches_the_optimizer(tiny_model):
+    from component.argument import TowerArguments
+
+    apply_tower_locks(tiny_model, TowerArguments(unlock_vision_at="3"))
+    groups = parameter_groups(tiny_model, 1e-3, 0.1, vision_learning_rate=2e-4, include_locked_vision=True)
+    in_optimizer = {id(p) for group in groups for p in group["params"]}
+    assert all(id(p) in in_optimizer for p in tiny_model.vision_model.parameters())
+    vision_groups = [g for g in groups if g["name"].startswith("vision")]
+    assert {g["lr"] for g in vision_groups} == {2e-4}
+    no_decay = {id(p) for g in groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    assert id(tiny_model.logit_scale) in no_decay
+    assert id(tiny_model.text_model.embeddings.word_embeddings.weight) in no_decay
+    assert id(tiny_model.text_projection.weight) not in no_decay
+    unlock_vision_tower(tiny_model)
+    assert all(p.requires_grad for p in tiny_model.vision_model.parameters())
+
+
+# --- metrics -----------------------------------------------------------------------------------
+
+
+def test_retrieval_metrics_by_hand_with_a_shared_image():
+    # Two images; texts 0 and 1 describe image 0, text 2 describes image 1.
+    images = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    texts = torch.nn.functional.normalize(torch.tensor([[0.2, 1.0], [1.0, 0.1], [1.0, 0.3]]), dim=-1)
+    metrics = retrieval_metrics(images, texts, torch.tensor([0, 0, 1]))
+    # image 0: nearest text is 1 (correct) -> hit@1; image 1: nearest is text 0 (wrong), text 2 is 2nd
+    assert metrics["i2t_recall@1"] == 0.5 and metrics["i2t_recall@5"] == 1.0
+    # text 0 -> image 1 (wrong); text 1 -> image 0 (right); text 2 -> image 0 (wrong)
+    assert metrics["t2i_recall@1"] == pytest.approx(1 / 3) and metrics["t2i_recall@5"] == 1.0
+    assert metrics["mean_recall"] == pytest.approx((0.5 + 1 + 1 + 1 / 3 + 1 + 1) / 6)
+
+
+# --- whole runs --------------------------------------------------------------------------------
+
+
+def test_lit_training_run_saves_everything(tiny_towers, shapes_data, tmp_path):
+    output = tmp_path / "run"
+    args = write_args(tmp_path / "a.json", **tiny_run_args(tiny_towers, shapes_data, output))
+    metrics = train_clip.main(["--train_args_file", str(args)])
+    for name in ("model.safetensors", "config.json", "train_results.json", "eval_results.json"):
+        assert (output / name).exists(), name
+    evaluation = json.loads((output / "eval_results.json").read_text())
+    for key in (
+        "eval_loss",
+        "eval_mean_recall",
+        *(f"eval_{d}_recall@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)),
+    ):
+        assert 0 <= evaluation[key] <= (1 if "recall" in key else 100), key
+    assert metrics["eval_mean_recall"] == evaluation["eval_mean_recall"]
+    model = BertCLIPModel.from_pretrained(output)
+    assert AutoProcessor.from_pretrained(output).tokenizer.tokenize("红色")[0] == "红"
+    start = BertCLIPModel.from_vision_text_pretrained(str(tiny_towers["clip"]), str(tiny_towers["bert"]))
+    for name, tensor in start.vision_model.state_dict().items():
+        assert torch.equal(tensor, model.vision_model.state_dict()[name]), name  # LiT: locked
+    assert torch.equal(start.visual_projection.weight, model.visual_projection.weight)
+    assert not torch.equal(start.text_projection.weight, model.text_projection.weight)
+    assert model.logit_scale.item() <= 4.6052
+
+
+def test_unlock_at_step_trains_the_image_tower_afterwards(tiny_towers, shapes_data, tmp_path):
+    output = tmp_path / "run"
+    values = tiny_run_args(tiny_towers, shapes_data, output, unlock_vision_at=3, vision_learning_rate=1e-2)
+    train_clip.main(["--train_args_file", str(write_args(tmp_path / "a.json", **values))])
+    model = BertCLIPModel.from_pretrained(output)
+    start = BertCLIPModel.from_vision_text_pretrained(str(tiny_towers["clip"]), str(tiny_towers["bert"]))
+    assert not torch.equal(start.vision_model.embeddings.patch_embedding.weight,
+                           model.vision_model.embeddings.patch_embedding.weight)  # fmt: skip
+    history = json.loads((output / "trainer_state.json").read_text())["log_history"]
+    assert {"step": 3, "vision_unlocked": "unlock_vision_at=3"} in history
+
+
+class KillAtStep(TrainerCallback):
+    """Simulate `kill -9` right after the given step: no cleanup, no final save."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def run_until_killed(args_path: Path, kill_step: int) -> None:
+    from component.training import run_training
+
+    run_training(*parse_train_args(args_path), extra_callbacks=(KillAtStep(kill_step),))
+
+
+def test_kill_and_rerun_ends_with_the_same_weights(tiny_towers, shapes_data, tmp_path):
+    common = {"save_strategy": "steps", "save_steps": 2, "max_steps": 7, "unlock_vision_at": 3,
+              "test_file": None}  # fmt: skip
+    reference = tmp_path / "reference"
+    train_clip.main(["--train_args_file", str(write_args(tmp_path / "r.json",
+                     **tiny_run_args(tiny_towers, shapes_data, reference, **common)))])  # fmt: skip
+
+    resumed = tmp_path / "resumed"
+    args_path = write_args(tmp_path / "k.json", **tiny_run_args(tiny_towers, shapes_data, resumed, **common))
+    process = multiprocessing.get_context("spawn").Process(target=run_until_killed, args=(args_path, 5))
+    process.start()
+    process.join(timeout=300)
+    assert process.exitcode == -signal.SIGKILL
+    assert newest_complete_checkpoint(resumed).endswith("checkpoint-4")
+    # a checkpoint torn by the kill: directory and some files, but never marked complete
+    torn = resumed / "checkpoint-6"
+    torn.mkdir()
+    (torn / "model.safetensors").write_bytes(b"partial")
+    train_clip.main(["--train_args_file", str(args_path)])
+
+    expected, got = weights(reference), weights(resumed)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+
+
+def test_too_many_bad_images_stop_training(tiny_towers, shapes_data, tmp_path, capsys):
+    csv = tmp_path / "train.csv"
+    rows = (shapes_data / "train.csv").read_text().splitlines()
+    csv.write_text("\n".join(rows[:20] + [f"坏图,,missing-{i}.jpg" for i in range(6)]) + "\n")
+    values = tiny_run_args(tiny_towers, shapes_data, tmp_path / "run", train_file=str(csv), test_file=None)
+    with pytest.raises(SystemExit) as exit_info:
+        train_clip.main(["--train_args_file", str(write_args(tmp_path / "a.json", **values))])
+    assert exit_info.value.code == 1
+    assert "max_bad_image_fraction=0.01" in capsys.readouterr().err
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_process_gloo_training(tiny_towers, shapes_data, tmp_path):
+    output = tmp_path / "ddp"
+    values = tiny_run_args(tiny_towers, shapes_data, output, max_steps=3, ddp_backend="gloo")
+    args = write_args(tmp_path / "a.json", **values)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
+    command = [*launcher, str(free_port()), str(REPO / "train_clip.py"), "--train_args_file", str(args)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = json.loads((output / "trainer_state.json").read_text())
+    assert state["global_step"] == 3
+    assert json.loads((output / "eval_results.json").read_text())["eval_mean_recall"] > 0
+    BertCLIPModel.from_pretrained(output)
