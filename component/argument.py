@@ -166,9 +166,12 @@ def known_keys() -> set[str]:
 
 
 def parse_train_args(
-    path: str | Path,
+    path: str | Path, overrides: dict | None = None
 ) -> tuple[ModelArguments, DataArguments, TowerArguments, TrainingArguments]:
-    """Read and validate a JSON arg file; unknown keys and bad values raise ArgumentError naming them."""
+    """Read and validate a JSON arg file; unknown keys and bad values raise ArgumentError naming them.
+
+    `overrides` replace values from the file (tests use it to check GPU configs on a CPU).
+    """
     path = Path(path)
     if not path.is_file():
         raise ArgumentError(f"{path}: no such arg file")
@@ -183,7 +186,7 @@ def parse_train_args(
         hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, known_keys(), 1)) else k
                  for k in unknown]  # fmt: skip
         raise ArgumentError(f"{path}: unknown key(s): {', '.join(hints)}")
-    values = {**TRAINING_DEFAULTS, **values}
+    values = {**TRAINING_DEFAULTS, **values, **(overrides or {})}
     values["remove_unused_columns"] = False  # the collator needs the raw text and image columns
     try:
         model_args, data_args, tower_args, training_args = HfArgumentParser(ARGUMENT_CLASSES).parse_dict(
