@@ -32,12 +32,12 @@ from urllib3.exceptions import ProtocolError, ReadTimeoutError
 from component.image_check import (
     DEFAULT_MAX_PIXELS,
     AtomicCsvWriter,
+    ImageRoot,
     InputError,
     RejectedError,
     decode_fully,
     iter_csv_rows,
     open_image,
-    safe_image_path,
 )
 
 REPORT_NAME = "download_report.json"
@@ -280,6 +280,7 @@ def to_training_jpeg(data: bytes, short_side: int = 256, max_pixels: int = DEFAU
         target = _shrunk_size(stored_size, short_side)
         if target != stored_size and image.format == "JPEG":
             image.draft(None, target)  # DCT scaling by 1/2, 1/4 or 1/8, never below `target`
+        image.decodermaxblock = len(data)  # one decode call: the GIL is released and taken once
         decode_fully(image)
         try:
             upright = ImageOps.exif_transpose(image)
@@ -403,10 +404,11 @@ def plan_downloads(
     The outcome is `skipped` when the image already exists (a stored image is always complete),
     else `missing_filename`, `unsafe_filename` or `bad_url`.
     """
-    reserved = {output_dir / REPORT_NAME, output_dir / FAILED_NAME}
+    image_root = ImageRoot(output_dir)
+    reserved = {image_root.root / REPORT_NAME, image_root.root / FAILED_NAME}
     for row in rows:
         try:
-            path = safe_image_path(output_dir, row.get("filename", ""))
+            path = image_root.path(row.get("filename", ""))
             if path in reserved:
                 raise RejectedError("unsafe_filename", str(path))
             if path.is_file():

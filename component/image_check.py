@@ -14,7 +14,7 @@ import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import IO
 
 from PIL import Image, UnidentifiedImageError
@@ -36,24 +36,48 @@ class RejectedError(Exception):
         self.detail = detail
 
 
-def safe_image_path(root: str | Path, filename: str) -> Path:
-    """The path of `filename` under `root`, refusing names that could land anywhere else.
+class ImageRoot:
+    """Resolves CSV filenames to paths under one directory, refusing any that could land elsewhere.
 
     Refused (reason `unsafe_filename`): absolute names, `..` components, backslashes, NUL bytes,
-    and names that resolve (through symlinks) outside `root`. A blank name is `missing_filename`.
+    and names whose directory or file resolves (through symlinks) outside the root. A blank name
+    is `missing_filename`. Resolved directories are remembered, so a long CSV costs one lookup
+    per directory rather than one per row.
     """
-    if not filename or not filename.strip():
-        raise RejectedError("missing_filename")
-    name = PurePosixPath(filename)
-    if "\\" in filename or "\x00" in filename or name.is_absolute() or ".." in name.parts:
-        raise RejectedError("unsafe_filename", filename)
-    if not name.parts or name.parts == (".",):
-        raise RejectedError("unsafe_filename", filename)
-    real_root = os.path.realpath(root)
-    real_path = os.path.realpath(os.path.join(real_root, *name.parts))
-    if real_path == real_root or os.path.commonpath([real_root, real_path]) != real_root:
-        raise RejectedError("unsafe_filename", filename)
-    return Path(root, *name.parts)
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self._real_root = os.path.realpath(root)
+        self._directory_is_inside: dict[str, bool] = {}
+
+    def _is_inside(self, path: str) -> bool:
+        real_path = os.path.realpath(os.path.join(self._real_root, path))
+        return os.path.commonpath([self._real_root, real_path]) == self._real_root
+
+    def path(self, filename: str) -> Path:
+        """The path of `filename` under the root; raises `RejectedError` if it is unsafe."""
+        if not filename or not filename.strip():
+            raise RejectedError("missing_filename")
+        if "\\" in filename or "\x00" in filename or filename.startswith("/"):
+            raise RejectedError("unsafe_filename", filename)
+        parts = [part for part in filename.split("/") if part not in ("", ".")]
+        if not parts or ".." in parts:
+            raise RejectedError("unsafe_filename", filename)
+        directory = "/".join(parts[:-1])
+        inside = self._directory_is_inside.get(directory)
+        if inside is None:
+            inside = self._is_inside(directory)
+            if len(self._directory_is_inside) < 100_000:
+                self._directory_is_inside[directory] = inside
+        path = self.root.joinpath(*parts)
+        if not inside or (path.is_symlink() and not self._is_inside("/".join(parts))):
+            raise RejectedError("unsafe_filename", filename)
+        return path
+
+
+def safe_image_path(root: str | Path, filename: str) -> Path:
+    """The path of `filename` under `root`, refusing names that could land elsewhere (see `ImageRoot`)."""
+    return ImageRoot(root).path(filename)
 
 
 def _reason_for_decode_error(error: Exception) -> str:
@@ -165,12 +189,12 @@ def _batches(rows: Iterable[dict[str, str]], size: int) -> Iterator[list[dict[st
         yield batch
 
 
-def row_reason(row: dict[str, str], image_root: str | Path) -> tuple[str | None, Path | None]:
+def row_reason(row: dict[str, str], image_root: ImageRoot) -> tuple[str | None, Path | None]:
     """`(reason, None)` for a row that fails without opening its image, else `(None, image path)`."""
     if not (row.get("text") or "").strip():
         return "missing_text", None
     try:
-        return None, safe_image_path(image_root, row.get("filename") or "")
+        return None, image_root.path(row.get("filename") or "")
     except RejectedError as error:
         return error.reason, None
 
@@ -190,9 +214,10 @@ def check_rows(
     at most `4 * workers` batches are in flight, so memory stays flat however long `rows` is.
     """
     limits = (min_side, max_aspect_ratio, max_pixels)
+    root = ImageRoot(image_root)
     if workers == 0:
         for row in rows:
-            reason, path = row_reason(row, image_root)
+            reason, path = row_reason(row, root)
             yield row, reason if path is None else check_image(path, *limits)
         return
     executor = ProcessPoolExecutor(workers, mp_context=_worker_context(), initializer=_start_quiet_worker)
@@ -200,7 +225,7 @@ def check_rows(
         executor.submit(int).result()  # start the workers now, before any other thread exists
         in_flight: deque[tuple[list[dict[str, str]], list, Future]] = deque()
         for batch in _batches(rows, batch_size):
-            checked = [row_reason(row, image_root) for row in batch]
+            checked = [row_reason(row, root) for row in batch]
             paths = [str(path) for _, path in checked if path is not None]
             in_flight.append((batch, checked, executor.submit(check_images, paths, *limits)))
             if len(in_flight) >= 4 * workers:
