@@ -140,10 +140,17 @@ class BertCLIPModel(BertCLIPPreTrainedModel):
         token_type_ids: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         return_loss: bool = False,
+        image_features: torch.Tensor | None = None,
         **kwargs,
     ) -> BertCLIPOutput:
-        """Image-text logits and normalised embeddings; the contrastive loss when `return_loss`."""
-        image_embeds = F.normalize(self.get_image_features(pixel_values), dim=-1)
+        """Image-text logits and normalised embeddings; the contrastive loss when `return_loss`.
+
+        `image_features` (projected, as `get_image_features` returns them) replace `pixel_values`
+        when the image tower is locked and its outputs were cached.
+        """
+        if image_features is None:
+            image_features = self.get_image_features(pixel_values)
+        image_embeds = F.normalize(image_features, dim=-1)
         text_embeds = F.normalize(self.get_text_features(input_ids, attention_mask, token_type_ids), dim=-1)
         logits_per_text = text_embeds @ image_embeds.T * self.logit_scale.exp()
         loss = contrastive_loss(image_embeds, text_embeds, self.logit_scale) if return_loss else None

@@ -13,6 +13,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from component.freezing import parameter_groups, unlock_vision_tower
+from component.grad_cache import gradient_cached_backward, split_batch
 from component.loss import MAX_LOGIT_SCALE
 from component.metrics import retrieval_metrics
 
@@ -57,6 +58,8 @@ class CLIPTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.tower_args = tower_args
         self.bad_image_tracker = bad_image_tracker
+        # The contrastive loss is a mean over the batch; let the Trainer scale it for accumulation.
+        self.model_accepts_loss_kwargs = False
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
@@ -82,9 +85,28 @@ class CLIPTrainer(Trainer):
         return self.optimizer
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.tower_args.contrastive_accumulation_steps > 1:
+            loss = self._gradient_cached_step(model, inputs)
+        else:
+            loss = super().training_step(model, inputs, num_items_in_batch)
         self._sync_unlocked_vision_gradients()
         return loss
+
+    def _gradient_cached_step(self, model, inputs) -> torch.Tensor:
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        self.bad_image_tracker.update(len(inputs["input_ids"]), inputs.pop("bad_images", []))
+        micro_batches = split_batch(inputs, self.tower_args.contrastive_accumulation_steps)
+        no_sync = getattr(model, "no_sync", None)
+        return gradient_cached_backward(
+            model,
+            self.accelerator.unwrap_model(model).logit_scale,
+            micro_batches,
+            loss_scale=1.0 / self.current_gradient_accumulation_steps,
+            backward=self.accelerator.backward,
+            autocast=self.compute_loss_context_manager,
+            no_sync=no_sync,
+        )
 
     def _sync_unlocked_vision_gradients(self) -> None:
         # DDP only synchronises parameters that were trainable when it wrapped the model; an image

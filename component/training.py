@@ -1,12 +1,14 @@
 """One training run, step by step: build, load data, lock towers, train, evaluate, save."""
 
 import logging
+from pathlib import Path
 
 from transformers import TrainingArguments, set_seed
 
 from component.argument import DataArguments, ModelArguments, TowerArguments
 from component.collator import ImageTextCollator
 from component.dataset import ImageTextDataset, read_image_text_csv
+from component.feature_cache import CachedImageTextDataset, load_or_build_cache
 from component.freezing import apply_tower_locks
 from component.model import BertCLIPModel
 from component.processor import ImageTransform, build_processor, check_tokenizer_fits, load_processor
@@ -52,6 +54,24 @@ def build_datasets(data_args: DataArguments, transform: ImageTransform):
     return train, test
 
 
+def cache_image_features(model, train_dataset, test_dataset, training_args: TrainingArguments):
+    """Swap pixel datasets for cached-feature datasets; the main process computes, others reuse."""
+    cache_dir = Path(training_args.output_dir) / "image_feature_cache"
+    model.to(training_args.device)
+    cached = []
+    with training_args.main_process_first(desc="caching image features"):
+        for dataset in (train_dataset, test_dataset):
+            if dataset is None:
+                cached.append(None)
+                continue
+            features, valid = load_or_build_cache(
+                model, dataset, cache_dir, training_args.per_device_eval_batch_size,
+                training_args.dataloader_num_workers, training_args.device,
+            )  # fmt: skip
+            cached.append(CachedImageTextDataset(dataset.rows, features, valid))
+    return tuple(cached)
+
+
 def build_callbacks(tower_args: TowerArguments) -> list:
     callbacks = [LogitScaleClampCallback(), CheckpointMarkerCallback()]
     if tower_args.unlock_vision_at is not None:
@@ -73,6 +93,8 @@ def run_training(
     model, processor = build_model_and_processor(model_args)
     transform = ImageTransform.from_processor(processor)
     train_dataset, test_dataset = build_datasets(data_args, transform)
+    if tower_args.cache_image_features:
+        train_dataset, test_dataset = cache_image_features(model, train_dataset, test_dataset, training_args)
     if test_dataset is not None and training_args.eval_strategy == "no":
         logger.info("a test_file is given: it is evaluated once at the end (set eval_strategy for more)")
 

@@ -1,0 +1,87 @@
+"""Gradient caching: a contrastive loss over K micro-batches at the memory cost of one.
+
+Pass 1 embeds every micro-batch without a graph and takes the loss over all K x B pairs, giving
+the loss's gradient with respect to each embedding. Pass 2 re-embeds one micro-batch at a time
+with a graph and back-propagates those cached embedding gradients. The parameter gradients are
+those of a single K x B batch (Gao et al., "Scaling Deep Contrastive Learning Batch Size under
+Memory Limited Setup", 2021).
+"""
+
+import contextlib
+
+import torch
+
+from component.loss import contrastive_loss
+
+EMBEDDING_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "pixel_values", "image_features")
+
+
+def split_batch(batch: dict, chunks: int) -> list[dict]:
+    """Split the model inputs of a batch into `chunks` micro-batches along the first dimension."""
+    inputs = {k: v for k, v in batch.items() if k in EMBEDDING_INPUTS and v is not None}
+    pieces = {k: torch.tensor_split(v, chunks) for k, v in inputs.items()}
+    return [{k: pieces[k][i] for k in inputs} for i in range(chunks)]
+
+
+class _RandomState:
+    """Capture and replay the RNG, so both passes draw the same dropout masks."""
+
+    def __init__(self):
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
+
+
+def _embed(model, micro_batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    outputs = model(**micro_batch)
+    return outputs.image_embeds, outputs.text_embeds
+
+
+def gradient_cached_backward(
+    model, logit_scale: torch.nn.Parameter, micro_batches: list[dict], loss_scale: float,
+    backward=None, autocast=contextlib.nullcontext, no_sync=None,
+) -> torch.Tensor:  # fmt: skip
+    """Back-propagate the contrastive loss of all micro-batches together; returns the scaled loss.
+
+    Args:
+        model: the (possibly DDP-wrapped) model; its forward returns normalised embeddings.
+        logit_scale: the model's logit-scale parameter.
+        loss_scale: multiplies the loss (1 / gradient accumulation steps).
+        backward: how to back-propagate (the accelerator's, for mixed precision); default tensor.backward.
+        autocast: a context manager factory for the forward passes.
+        no_sync: a context manager factory that defers DDP gradient reduction (all but the last chunk).
+    """
+    backward = backward or (lambda tensor: tensor.backward())
+    states, image_parts, text_parts = [], [], []
+    with torch.no_grad():
+        for micro_batch in micro_batches:
+            states.append(_RandomState())
+            with autocast():
+                images, texts = _embed(model, micro_batch)
+            image_parts.append(images.float())
+            text_parts.append(texts.float())
+    all_images = torch.cat(image_parts).requires_grad_()
+    all_texts = torch.cat(text_parts).requires_grad_()
+    scale = logit_scale.detach().clone().requires_grad_()
+    loss = contrastive_loss(all_images, all_texts, scale) * loss_scale
+    loss.backward()  # only into the leaves above: no parameter is touched yet
+    image_grads = torch.split(all_images.grad, [len(p) for p in image_parts])
+    text_grads = torch.split(all_texts.grad, [len(p) for p in text_parts])
+    rng_after = _RandomState()
+    for i, micro_batch in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        states[i].restore()
+        sync = contextlib.nullcontext() if last or no_sync is None else no_sync()
+        with sync:
+            with autocast():
+                images, texts = _embed(model, micro_batch)
+                surrogate = (images.float() * image_grads[i]).sum() + (texts.float() * text_grads[i]).sum()
+                if last:
+                    surrogate = surrogate + logit_scale * scale.grad
+            backward(surrogate)
+    rng_after.restore()
+    return loss.detach()

@@ -1,0 +1,151 @@
+"""Performance features keep results exact: gradient caching, cached image features, draft decoding."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train_clip
+from component.dataset import ImageTextDataset, read_image_text_csv
+from component.demo import all_combinations, write_split
+from component.feature_cache import CachedImageTextDataset, load_or_build_cache
+from component.grad_cache import gradient_cached_backward, split_batch
+from component.model import BertCLIPModel
+from component.processor import ImageTransform, load_processor
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("perf_shapes")
+    rng = random.Random(1)
+    write_split(
+        directory, "train", [rng.choice(all_combinations()) for _ in range(40)], rng, vary_template=True
+    )
+    write_split(directory, "test", all_combinations()[:16], rng, vary_template=False)
+    return directory
+
+
+def no_dropout_model(checkpoint) -> BertCLIPModel:
+    model = BertCLIPModel.from_pretrained(checkpoint)
+    model.config.text_config.hidden_dropout_prob = 0.0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model.train()
+
+
+def batch_of(checkpoint, shapes, size=8) -> dict:
+    processor = load_processor(checkpoint)
+    rows = read_image_text_csv(shapes / "train.csv")
+    texts = [rows.texts[i] for i in range(size)]
+    images = [Image.open(shapes / "images" / rows.filenames[i]) for i in range(size)]
+    return dict(processor(text=texts, images=images, return_tensors="pt", padding=True))
+
+
+def gradients(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("chunks", [2, 4])
+def test_gradient_caching_equals_one_big_batch(tiny_checkpoint, shapes, chunks):
+    batch = batch_of(tiny_checkpoint, shapes)
+    reference = no_dropout_model(tiny_checkpoint)
+    expected_loss = reference(**batch, return_loss=True).loss
+    expected_loss.backward()
+    expected = gradients(reference)
+
+    model = no_dropout_model(tiny_checkpoint)
+    loss = gradient_cached_backward(model, model.logit_scale, split_batch(batch, chunks), loss_scale=1.0)
+    torch.testing.assert_close(loss, expected_loss.detach(), atol=1e-6, rtol=1e-5)
+    got = gradients(model)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-5, rtol=1e-4)
+
+
+def test_gradient_caching_replays_dropout(tiny_checkpoint, shapes):
+    """With dropout on, pass 2 must see the masks of pass 1, or the cached gradients are wrong."""
+    batch = batch_of(tiny_checkpoint, shapes)
+    model = BertCLIPModel.from_pretrained(tiny_checkpoint).train()
+    torch.manual_seed(3)
+    gradient_cached_backward(model, model.logit_scale, split_batch(batch, 2), loss_scale=1.0)
+    first = gradients(model)
+    model.zero_grad()
+    torch.manual_seed(3)
+    gradient_cached_backward(model, model.logit_scale, split_batch(batch, 2), loss_scale=1.0)
+    for name, grad in gradients(model).items():
+        torch.testing.assert_close(grad, first[name], msg=name)
+
+
+def run(tiny_towers, shapes, output, **overrides) -> dict:
+    values = {
+        "output_dir": str(output),
+        "clip_pretrain_path": str(tiny_towers["clip"]),
+        "bert_pretrain_path": str(tiny_towers["bert"]),
+        "train_file": str(shapes / "train.csv"),
+        "test_file": str(shapes / "test.csv"),
+        "image_path": str(shapes / "images"),
+        "max_seq_length": 24,
+        "per_device_train_batch_size": 8,
+        "learning_rate": 1e-3,
+        "num_train_epochs": 2,
+        "save_strategy": "no",
+        "use_cpu": True,
+        "dataloader_num_workers": 0,
+        "disable_tqdm": True,
+        "seed": 11,
+        **overrides,
+    }
+    path = output.parent / f"{output.name}.json"
+    path.write_text(json.dumps(values, ensure_ascii=False))
+    return train_clip.main(["--train_args_file", str(path)])
+
+
+def test_cached_image_features_match_the_uncached_run(tiny_towers, shapes, tmp_path):
+    uncached = run(tiny_towers, shapes, tmp_path / "uncached")
+    cached = run(tiny_towers, shapes, tmp_path / "cached", cache_image_features=True)
+    assert abs(cached["train_loss"] - uncached["train_loss"]) <= 0.01 * uncached["train_loss"]
+    assert abs(cached["eval_loss"] - uncached["eval_loss"]) <= 0.01 * uncached["eval_loss"]
+    cache_files = sorted((tmp_path / "cached" / "image_feature_cache").glob("*.features.npy"))
+    assert len(cache_files) == 2  # train and test
+    stamps = [f.stat().st_mtime_ns for f in cache_files]
+    run(tiny_towers, shapes, tmp_path / "cached", cache_image_features=True, num_train_epochs=3)
+    assert [f.stat().st_mtime_ns for f in cache_files] == stamps  # reused, not recomputed
+
+
+def test_contrastive_accumulation_run_trains(tiny_towers, shapes, tmp_path):
+    metrics = run(tiny_towers, shapes, tmp_path / "gc", contrastive_accumulation_steps=2, max_steps=3)
+    assert np.isfinite(metrics["train_loss"])
+
+
+def test_cached_dataset_replaces_bad_rows_like_the_uncached_one(
+    tiny_model, tiny_checkpoint, shapes, tmp_path
+):
+    csv = tmp_path / "rows.csv"
+    csv.write_text("text,filename\n一,train-0.jpg\n二,missing.jpg\n三,train-2.jpg\n")
+    transform = ImageTransform.from_processor(load_processor(tiny_checkpoint))
+    dataset = ImageTextDataset(read_image_text_csv(csv), shapes / "images", transform)
+    features, valid = load_or_build_cache(tiny_model, dataset, tmp_path / "cache", 2, 0, "cpu")
+    assert valid.tolist() == [True, False, True]
+    cached = CachedImageTextDataset(dataset.rows, features, valid)
+    for index in range(3):
+        assert cached[index]["index"] == dataset[index]["index"]
+        assert cached[index]["text"] == dataset[index]["text"]
+    with torch.no_grad():
+        expected = tiny_model.get_image_features(transform.to_pixel_values([dataset.load_image(0)]))
+    np.testing.assert_allclose(cached[0]["image_features"], expected[0].numpy(), rtol=2e-3, atol=2e-3)
+
+
+def test_draft_decoding_keeps_shape_and_values_close(tiny_checkpoint, tmp_path):
+    gradient = np.linspace(0, 255, 1200, dtype=np.float32)
+    pixels = np.stack([np.add.outer(gradient[:900] * 0.5, gradient * 0.5)] * 3, axis=-1).astype(np.uint8)
+    path = tmp_path / "large.jpg"
+    Image.fromarray(pixels).save(path, quality=95)
+    transform = ImageTransform.from_processor(load_processor(tiny_checkpoint))
+    full = transform(transform.load(path, draft=False)).astype(np.float32)
+    draft = transform(transform.load(path, draft=True)).astype(np.float32)
+    assert full.shape == draft.shape == (30, 30, 3)
+    assert np.abs(full - draft).mean() < 3.0  # of 255
