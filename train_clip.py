@@ -8,7 +8,7 @@ import argparse
 import logging
 import sys
 
-from component.argument import ArgumentError, parse_train_args
+from component.argument import ArgumentError, describe_arguments, parse_train_args
 from component.interop import CheckpointError
 from component.trainer import BadImageError
 
@@ -20,8 +20,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--train_args_file", required=True, help="JSON file of training arguments")
+    parser.add_argument("--train_args_file", help="JSON file of training arguments")
+    parser.add_argument("--list_args", action="store_true", help="list the toolkit's arg-file keys and exit")
     options = parser.parse_args(argv)
+    if options.list_args:
+        print(describe_arguments())
+        return {}
+    if not options.train_args_file:
+        parser.error("--train_args_file is required")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
 
     from component.training import run_training  # heavy imports after the arguments are read

@@ -2,6 +2,7 @@
 
 import difflib
 import json
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -152,13 +153,26 @@ class TowerArguments:
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, TowerArguments, TrainingArguments)
 
 # Our defaults for TrainingArguments where the library's do not suit CLIP training.
-# Frozen towers are left out of DDP, so every parameter it sees gets a gradient.
+# Where the library's defaults do not suit CLIP training. Frozen towers are left out of DDP,
+# so every parameter it sees gets a gradient. Image decoding needs worker processes.
 TRAINING_DEFAULTS = {
     "report_to": "none",
     "logging_steps": 10,
     "save_total_limit": 2,
     "ddp_find_unused_parameters": False,
+    "dataloader_num_workers": min(8, os.cpu_count() or 1),
+    "dataloader_pin_memory": True,
 }
+
+
+def describe_arguments() -> str:
+    """Every key this toolkit adds to TrainingArguments, with its default and help text."""
+    lines = []
+    for cls in ARGUMENT_CLASSES[:-1]:
+        lines.append(f"{cls.__name__}: {cls.__doc__}")
+        lines += [f"  {f.name} (default {f.default!r}): {f.metadata['help']}" for f in fields(cls)]
+    lines.append("TrainingArguments: every transformers TrainingArguments field, e.g. learning_rate, bf16.")
+    return "\n".join(lines)
 
 
 def known_keys() -> set[str]:
@@ -187,6 +201,7 @@ def parse_train_args(
                  for k in unknown]  # fmt: skip
         raise ArgumentError(f"{path}: unknown key(s): {', '.join(hints)}")
     values = {**TRAINING_DEFAULTS, **values, **(overrides or {})}
+    values.setdefault("dataloader_persistent_workers", values["dataloader_num_workers"] > 0)
     values["remove_unused_columns"] = False  # the collator needs the raw text and image columns
     try:
         model_args, data_args, tower_args, training_args = HfArgumentParser(ARGUMENT_CLASSES).parse_dict(
