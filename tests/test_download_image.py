@@ -359,6 +359,14 @@ def test_safe_image_path_refuses_escaping_names(tmp_path, filename):
         safe_image_path(tmp_path, filename)
 
 
+def test_safe_image_path_refuses_a_symlinked_file_pointing_outside(tmp_path):
+    (tmp_path / "outside.jpg").write_bytes(JPEG)
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / "link.jpg").symlink_to(tmp_path / "outside.jpg")
+    with pytest.raises(RejectedError, match="unsafe_filename"):
+        safe_image_path(tmp_path / "root", "link.jpg")
+
+
 @pytest.mark.parametrize("filename", ["a.jpg", "00/12/a.jpg", "./a.jpg", "a..b.jpg", "猫.jpg"])
 def test_safe_image_path_accepts_names_inside(tmp_path, filename):
     assert safe_image_path(tmp_path, filename).resolve().is_relative_to(tmp_path.resolve())
