@@ -142,3 +142,8 @@ def test_gradient_checkpointing_covers_both_towers(tiny_model):
     tiny_model.gradient_checkpointing_enable()
     assert all(layer.gradient_checkpointing for layer in tiny_model.text_model.encoder.layer)
     assert all(layer.gradient_checkpointing for layer in tiny_model.vision_model.encoder.layers)
+
+
+def test_both_towers_use_sdpa_attention(tiny_model):
+    assert tiny_model.text_model.config._attn_implementation == "sdpa"
+    assert tiny_model.vision_model.config._attn_implementation == "sdpa"

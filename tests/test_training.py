@@ -344,3 +344,40 @@ def test_two_process_gloo_training(tiny_towers, shapes_data, tmp_path):
     assert state["global_step"] == 3
     assert json.loads((output / "eval_results.json").read_text())["eval_mean_recall"] > 0
     BertCLIPModel.from_pretrained(output)
+
+
+def test_plateau_unlock_waits_for_patience(tiny_model):
+    from transformers import TrainerState
+
+    from component.argument import TowerArguments
+    from component.trainer import VisionUnlockCallback
+
+    apply_tower_locks(tiny_model, TowerArguments(unlock_vision_at="plateau"))
+    callback = VisionUnlockCallback(plateau_patience=2)
+    state = TrainerState()
+    for step, recall in [(10, 0.2), (20, 0.3), (30, 0.29)]:  # best 0.3, then one evaluation without gain
+        state.global_step = step
+        callback.on_evaluate(None, state, None, metrics={"eval_mean_recall": recall}, model=tiny_model)
+        assert not tiny_model.vision_model.embeddings.patch_embedding.weight.requires_grad, step
+    state.global_step = 40
+    callback.on_evaluate(
+        None, state, None, metrics={"eval_mean_recall": 0.3}, model=tiny_model
+    )  # equal: no gain
+    assert all(p.requires_grad for p in tiny_model.vision_model.parameters())
+    assert callback.unlocked_at == 40 and state.log_history[-1]["step"] == 40
+    # a resumed run restores the unlocked tower from the checkpoint's trainer state
+    apply_tower_locks(tiny_model, TowerArguments(unlock_vision_at="plateau"))
+    state.stateful_callbacks = {"VisionUnlockCallback": callback.state()}
+    restored = VisionUnlockCallback(plateau_patience=2)
+    restored.on_train_begin(None, state, None, model=tiny_model)
+    assert restored.unlocked_at == 40
+    assert all(p.requires_grad for p in tiny_model.vision_model.parameters())
+
+
+def test_logit_scale_is_clamped_after_each_step(tiny_model):
+    from component.trainer import LogitScaleClampCallback
+
+    with torch.no_grad():
+        tiny_model.logit_scale.fill_(5.0)
+    LogitScaleClampCallback().on_step_end(None, None, None, model=tiny_model)
+    assert tiny_model.logit_scale.item() == pytest.approx(4.60517, abs=1e-5)
