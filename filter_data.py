@@ -11,6 +11,7 @@ import os
 import sys
 import warnings
 from collections import Counter
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from PIL import Image
@@ -122,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
             checked.close()
             print("\ninterrupted: no output written", file=sys.stderr)
             return 130
+        except BrokenProcessPool:
+            print("\nerror: a worker process died (out of memory?); no output written", file=sys.stderr)
+            return 1
         # 3. Move both files into place only once every row is decided.
         kept_rows.commit()
         rejected_rows.commit()

@@ -101,7 +101,10 @@ def open_image(source: str | Path | IO[bytes], max_pixels: int = DEFAULT_MAX_PIX
         raise RejectedError("not_an_image") from None
     except FileNotFoundError:
         raise RejectedError("missing_file") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as error:
+    except OSError as error:
+        reason = "unreadable" if error.errno is not None else _reason_for_decode_error(error)
+        raise RejectedError(reason, str(error)) from None
+    except (SyntaxError, ValueError, EOFError) as error:
         raise RejectedError(_reason_for_decode_error(error), str(error)) from None
     width, height = image.size
     if width * height > max_pixels:
@@ -157,6 +160,8 @@ def check_image(
         return error.reason
     except OSError:
         return "unreadable"
+    except Exception:  # a decoder bug tripped by one crafted file must not stop a long run
+        return "decode_error"
     return None
 
 
