@@ -24,10 +24,19 @@ from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
-import requests
+import urllib3
 from PIL import Image, ImageOps
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    LocationValueError,
+    NameResolutionError,
+    NewConnectionError,
+    ProtocolError,
+    ProxyError,
+    ReadTimeoutError,
+    SSLError,
+)
 from urllib3.exceptions import HTTPError as Urllib3Error
-from urllib3.exceptions import ProtocolError, ReadTimeoutError
 
 from component.image_check import (
     DEFAULT_MAX_PIXELS,
@@ -45,7 +54,10 @@ FAILED_NAME = "download_failed.csv"
 OK = "ok"
 SKIPPED = "skipped"
 INTERRUPTED = "interrupted"
-USER_AGENT = "chinese-clip-data-tools/1.0 (image downloader for CLIP training data)"
+HEADERS = {
+    "User-Agent": "chinese-clip-data-tools/1.0 (image downloader for CLIP training data)",
+    "Accept-Encoding": "identity",  # images are compressed already
+}
 REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 RETRY_AFTER_STATUS = frozenset({429, 503})
@@ -94,6 +106,31 @@ class _RetryableError(RejectedError):
         self.retry_after = retry_after
 
 
+class HttpPools:
+    """Keep-alive connection pools, one set per thread, through the proxy the environment names.
+
+    urllib3 directly, not requests: requests costs about 0.6 ms more CPU per request, which is
+    a tenth of the work on an image. `HTTP(S)_PROXY` and `NO_PROXY` are read once.
+    """
+
+    def __init__(self) -> None:
+        self._proxies = urllib.request.getproxies()
+        self._local = threading.local()
+
+    def for_url(self, url: str) -> urllib3.PoolManager:
+        """This thread's pool manager for `url` (a proxy manager when a proxy applies)."""
+        managers: dict[str, urllib3.PoolManager] | None = getattr(self._local, "managers", None)
+        if managers is None:
+            managers = self._local.managers = {"": urllib3.PoolManager(num_pools=64, headers=HEADERS)}
+        parts = urlsplit(url)
+        proxy = self._proxies.get(parts.scheme, "")
+        if proxy and urllib.request.proxy_bypass_environment(parts.hostname or "", self._proxies):
+            proxy = ""
+        if proxy not in managers:
+            managers[proxy] = urllib3.ProxyManager(proxy, num_pools=64, headers=HEADERS)
+        return managers[proxy]
+
+
 def check_url(url: str) -> str:
     """The stripped URL if it is an absolute http(s) URL with a host, else `bad_url`."""
     url = (url or "").strip()
@@ -124,7 +161,10 @@ def parse_retry_after(value: str | None) -> float | None:
 
 
 def _read_body(
-    response: requests.Response, options: DownloadOptions, deadline: float, stop: threading.Event | None
+    response: urllib3.BaseHTTPResponse,
+    options: DownloadOptions,
+    deadline: float,
+    stop: threading.Event | None,
 ) -> bytes:
     """Read the body within the byte cap and the deadline (checked after every socket read)."""
     declared = response.headers.get("Content-Length", "")
@@ -138,7 +178,7 @@ def _read_body(
             raise RejectedError("deadline")
         try:
             # read1 returns after at most one socket read, so a dripping server is noticed in time
-            chunk = response.raw.read1(READ_CHUNK_BYTES, decode_content=True)
+            chunk = response.read1(READ_CHUNK_BYTES, decode_content=True)
         except ReadTimeoutError:
             raise _RetryableError("timeout") from None
         except ProtocolError:
@@ -155,7 +195,7 @@ def _read_body(
     return bytes(body)
 
 
-def _redirect_target(response: requests.Response, url: str) -> str:
+def _redirect_target(response: urllib3.BaseHTTPResponse, url: str) -> str:
     """The absolute http(s) URL a redirect points to, else `bad_redirect`."""
     location = response.headers.get("Location", "")
     try:  # http.client decodes headers as latin-1; servers send UTF-8
@@ -170,31 +210,45 @@ def _redirect_target(response: requests.Response, url: str) -> str:
         raise RejectedError("bad_redirect", location) from None
 
 
+def _request(pools: HttpPools, url: str, timeout: float) -> urllib3.BaseHTTPResponse:
+    """Send one GET and read the status and headers (not the body), mapping errors to reasons."""
+    try:
+        return pools.for_url(url).request(
+            "GET",
+            url,
+            preload_content=False,
+            redirect=False,
+            retries=False,
+            timeout=urllib3.Timeout(connect=timeout, read=timeout),
+        )
+    except NameResolutionError:
+        raise RejectedError("dns_error") from None
+    except NewConnectionError:  # refused or unreachable; a subclass of ConnectTimeoutError
+        raise _RetryableError("connection_error") from None
+    except (ConnectTimeoutError, ReadTimeoutError):
+        raise _RetryableError("timeout") from None
+    except SSLError as error:
+        raise RejectedError("ssl_error", str(error)) from None
+    except (ProtocolError, ProxyError):
+        raise _RetryableError("connection_error") from None
+    except (LocationValueError, ValueError) as error:  # an invalid URL or IDNA host name
+        raise RejectedError("bad_url", str(error)) from None
+    except Urllib3Error as error:
+        raise RejectedError("connection_error", str(error)) from None
+
+
 def _fetch_once(
-    session: requests.Session,
-    url: str,
-    options: DownloadOptions,
-    deadline: float,
-    stop: threading.Event | None,
+    pools: HttpPools, url: str, options: DownloadOptions, deadline: float, stop: threading.Event | None
 ) -> bytes:
     """One attempt: follow up to `max_redirects` redirects and read the body."""
     for _ in range(options.max_redirects + 1):
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise RejectedError("deadline")
-        timeout = min(options.timeout, remaining)
+        response = _request(pools, url, min(options.timeout, remaining))
+        complete = False
         try:
-            response = session.get(url, stream=True, allow_redirects=False, timeout=(timeout, timeout))
-        except requests.Timeout:
-            raise _RetryableError("timeout") from None
-        except requests.exceptions.SSLError as error:
-            raise RejectedError("ssl_error", str(error)) from None
-        except requests.ConnectionError:
-            raise _RetryableError("connection_error") from None
-        except (requests.RequestException, ValueError) as error:  # invalid URL, bad IDNA host name
-            raise RejectedError("bad_url", str(error)) from None
-        with response:
-            status = response.status_code
+            status = response.status
             if status in REDIRECT_STATUS:
                 url = _redirect_target(response, url)
                 continue
@@ -203,12 +257,18 @@ def _fetch_once(
                 raise _RetryableError(f"http_{status}", parse_retry_after(retry_after))
             if not 200 <= status < 300:
                 raise RejectedError(f"http_{status}")
-            return _read_body(response, options, deadline, stop)
+            body = _read_body(response, options, deadline, stop)
+            complete = True
+            return body
+        finally:
+            if not complete:  # an unread or half-read body: the connection cannot be reused
+                response.close()
+            response.release_conn()
     raise RejectedError("too_many_redirects")
 
 
 def fetch_image(
-    url: str, session: requests.Session, options: DownloadOptions, stop: threading.Event | None = None
+    url: str, pools: HttpPools, options: DownloadOptions, stop: threading.Event | None = None
 ) -> FetchResult:
     """Fetch the bytes at `url` within `options`' limits, retrying transient failures.
 
@@ -223,7 +283,7 @@ def fetch_image(
     deadline = time.monotonic() + options.deadline
     for attempt in range(options.retries + 1):
         try:
-            return FetchResult(data=_fetch_once(session, url, options, deadline, stop), attempts=attempt + 1)
+            return FetchResult(data=_fetch_once(pools, url, options, deadline, stop), attempts=attempt + 1)
         except _RetryableError as error:
             wait_s = error.retry_after
             if wait_s is None:
@@ -310,22 +370,12 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 class ImageDownloader:
-    """Fetch, convert and store images; safe to call from many threads (one HTTP session each)."""
+    """Fetch, convert and store images; safe to call from many threads."""
 
     def __init__(self, options: DownloadOptions, stop: threading.Event | None = None) -> None:
         self.options = options
         self.stop = stop if stop is not None else threading.Event()
-        self._local = threading.local()
-
-    def _session(self) -> requests.Session:
-        session = getattr(self._local, "session", None)
-        if session is None:
-            session = requests.Session()
-            session.headers.update({"User-Agent": USER_AGENT, "Accept-Encoding": "identity"})
-            # With no proxy configured, skip requests' per-request scan of the environment (~0.7 ms).
-            session.trust_env = bool(urllib.request.getproxies())
-            self._local.session = session
-        return session
+        self.pools = HttpPools()
 
     def download(self, url: str, path: Path) -> str:
         """Store the image at `url` as `path`; returns `ok` or a failure reason.
@@ -334,7 +384,7 @@ class ImageDownloader:
         escape (disk full, read-only or over quota) is raised, to stop the run.
         """
         try:
-            fetched = fetch_image(url, self._session(), self.options, self.stop)
+            fetched = fetch_image(url, self.pools, self.options, self.stop)
             if fetched.reason is not None:
                 return fetched.reason
             jpeg = to_training_jpeg(fetched.data, self.options.short_side, self.options.max_pixels)

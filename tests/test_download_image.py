@@ -2,11 +2,11 @@
 
 import csv
 import json
+import socket
 import time
 from pathlib import Path
 
 import pytest
-import requests
 from _http_server import BLUE, RED, LoopbackServer, Route, encode, png_claiming, two_tone
 from PIL import Image
 
@@ -14,6 +14,7 @@ import download_image
 from benchmarks import bench_download
 from component.download import (
     DownloadOptions,
+    HttpPools,
     check_url,
     fetch_image,
     parse_retry_after,
@@ -43,6 +44,13 @@ def rgba_png() -> bytes:
     image = two_tone((120, 80), "RGBA")
     image.paste((0, 0, 0, 0), (0, 0, 120, 40))  # a transparent top half must come out white
     return encode(image, "PNG")
+
+
+def closed_port() -> int:
+    """A loopback port that nothing listens on (connections are refused at once)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 JPEG = encode(two_tone((120, 80)), "JPEG", quality=95)
@@ -88,6 +96,7 @@ BAD = {  # filename: (url or route path, route or None, reason)
         Route(body=encode(Image.new("L", (1200, 1000)), "PNG")),
         "decompression_bomb",
     ),
+    "refused.jpg": (f"http://127.0.0.1:{closed_port()}/x.jpg", None, "connection_error"),
     "ftp.jpg": ("ftp://127.0.0.1/x.jpg", None, "bad_url"),
     "file.jpg": ("file:///etc/passwd", None, "bad_url"),
     "javascript.jpg": ("javascript:alert(1)", None, "bad_url"),
@@ -322,7 +331,7 @@ def test_bad_option_exits_2(tmp_path, capsys):
 def test_429_waits_as_long_as_retry_after_asks(server):
     server.routes["/wait"] = Route(responses=[(429, {"Retry-After": "1"}, b""), (200, JPEG_HEADERS, JPEG)])
     started = time.monotonic()
-    result = fetch_image(server.url("/wait"), requests.Session(), DownloadOptions(timeout=1, backoff=0.01))
+    result = fetch_image(server.url("/wait"), HttpPools(), DownloadOptions(timeout=1, backoff=0.01))
     assert result.reason is None and result.attempts == 2
     assert time.monotonic() - started >= 1.0
 
@@ -330,9 +339,17 @@ def test_429_waits_as_long_as_retry_after_asks(server):
 def test_retry_after_longer_than_the_deadline_gives_up_at_once(server):
     server.routes["/wait-long"] = Route(status=503, headers={"Retry-After": "120"})
     started = time.monotonic()
-    result = fetch_image(server.url("/wait-long"), requests.Session(), DownloadOptions(timeout=1, deadline=5))
+    result = fetch_image(server.url("/wait-long"), HttpPools(), DownloadOptions(timeout=1, deadline=5))
     assert (result.reason, result.attempts) == ("http_503", 1)
     assert time.monotonic() - started < 1
+
+
+def test_proxy_from_the_environment_is_used(server, monkeypatch):
+    monkeypatch.setenv("HTTP_PROXY", server.url(""))  # the loopback server answers proxy requests too
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    result = fetch_image("http://images.example.invalid/jpeg.jpg", HttpPools(), DownloadOptions(timeout=1))
+    assert (result.reason, result.data) == (None, JPEG)
 
 
 @pytest.mark.parametrize(
