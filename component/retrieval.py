@@ -1,0 +1,625 @@
+"""Text-to-image and image-to-image search over an image collection, with a faiss index on disk.
+
+An index directory holds:
+
+    index.json             which model built it (path and fingerprint), the image root, the index
+                           type, the names of the three data files below, and the last run's counts
+    embeddings-<G>.npy     L2-normalised image embeddings [n, dim], float16 or float32, memory-mapped
+    metadata-<G>.csv       one row per embedding: filename (relative to the image root), and text
+                           when the images came from a CSV
+    vectors-<G>.faiss      the faiss index over the same rows
+
+A run writes new data files under a new generation number G and only then replaces index.json
+(a temporary file renamed over it), so an interrupted run leaves the previous index whole.
+"""
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import faiss
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from component.dataset import read_image_text_csv
+from component.encoding import ImageInput, InputError, encode_images, encode_texts, load_model_and_processor
+from component.processor import ImageTransform
+
+IndexType = Literal["exact", "approximate", "auto"]
+EmbeddingDtype = Literal["float16", "float32"]
+INDEX_TYPES: tuple[IndexType, ...] = ("exact", "approximate", "auto")
+EMBEDDING_DTYPES: tuple[EmbeddingDtype, ...] = ("float16", "float32")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+EXACT_INDEX_LIMIT = 2_000_000  # "auto" builds an exact index up to this many vectors, an IVF one above
+IVF_PROBED_LISTS = 64  # IVF lists searched per query; see docs/retrieval.md for the recall it gives
+IVF_TRAINING_POINTS_PER_LIST = 32
+FORMAT_VERSION = 1
+INFO_FILE = "index.json"
+DATA_FILE_KINDS = {"embeddings": ".npy", "metadata": ".csv", "vectors": ".faiss"}
+_LOADING_THREADS = 8
+_ROWS_PER_CHUNK = 65_536  # rows copied or added to faiss at once, to bound memory
+
+
+@dataclass
+class ImageSource:
+    """The images to index: filenames relative to `root`, and one text per image from a CSV."""
+
+    root: Path
+    filenames: list[str]
+    texts: list[str] | None = None
+
+
+def images_in_directory(directory: str | Path) -> ImageSource:
+    """Every image file (by suffix) under `directory` and its subdirectories, sorted."""
+    root = Path(directory).absolute()
+    if not root.is_dir():
+        raise InputError(f"{directory}: no such directory")
+    paths = sorted(path for path in root.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise InputError(f"{directory}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+    return ImageSource(root, [path.relative_to(root).as_posix() for path in paths])
+
+
+def images_in_csv(csv_path: str | Path, image_path: str | Path) -> ImageSource:
+    """The distinct filenames of an image-text CSV (columns text and filename, as for training),
+    relative to `image_path`, each with its first caption."""
+    try:
+        rows = read_image_text_csv(csv_path)
+    except (OSError, ValueError) as error:
+        raise InputError(str(error)) from error
+    root = Path(image_path).absolute()
+    if not root.is_dir():
+        raise InputError(f"{image_path}: no such directory")
+    first_texts: dict[str, str] = {}
+    for name, text in zip(rows.filenames.tolist(), rows.texts.tolist(), strict=True):
+        first_texts.setdefault(name, text)
+    return ImageSource(root, list(first_texts), list(first_texts.values()))
+
+
+def model_fingerprint(model: torch.nn.Module, processor) -> str:
+    """A hash of what decides the embeddings: the text pooling, the image transform, the vocabulary,
+    and every weight tensor's name, shape and 1,024 evenly spaced values."""
+    digest = hashlib.sha256()
+    settings = {
+        "text_pooling": model.config.text_pooling,
+        "image_transform": asdict(ImageTransform.from_processor(processor)),
+        "vocabulary": sorted(processor.tokenizer.get_vocab().items()),
+    }
+    digest.update(json.dumps(settings, ensure_ascii=False).encode("utf-8"))
+    for name, tensor in sorted(model.state_dict().items()):
+        values = tensor.detach().reshape(-1)
+        sample = values[:: max(1, values.numel() // 1024)][:1024].float().cpu().numpy()
+        digest.update(f"{name}{tuple(tensor.shape)}".encode() + sample.tobytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class IndexInfo:
+    """What index.json records about an index directory."""
+
+    model_name_or_path: str
+    model_fingerprint: str
+    image_root: str
+    dim: int
+    dtype: EmbeddingDtype
+    index_type: Literal["exact", "approximate"]  # the faiss index in use
+    count: int = 0
+    generation: int = 0
+    files: dict[str, str] = field(default_factory=dict)  # kind ("embeddings", ...) -> file name
+    has_text: bool = False
+    ivf_lists: int = 0  # 0 for the exact index
+    ivf_probed_lists: int = 0
+    last_run: dict = field(default_factory=dict)  # counts and unreadable images of the latest build
+    format_version: int = FORMAT_VERSION
+
+    def path(self, directory: Path, kind: str) -> Path:
+        """Where the data file of `kind` is."""
+        return directory / self.files[kind]
+
+
+def read_info(directory: str | Path) -> IndexInfo | None:
+    """The index.json of `directory`, or None when there is none."""
+    path = Path(directory) / INFO_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"format version {data.get('format_version')}, expected {FORMAT_VERSION}")
+        return IndexInfo(**data)
+    except (OSError, ValueError, TypeError) as error:
+        raise InputError(f"{path}: not a usable index description ({error}); rebuild the index") from error
+
+
+def _sync(path: Path) -> None:
+    with open(path, "rb+") as file:
+        os.fsync(file.fileno())
+
+
+def write_info(directory: Path, info: IndexInfo) -> None:
+    """Replace index.json atomically: write a temporary file, sync it, rename it over the old one."""
+    temporary = directory / f".{INFO_FILE}.{os.getpid()}.tmp"
+    temporary.write_text(json.dumps(asdict(info), ensure_ascii=False, indent=1), encoding="utf-8")
+    _sync(temporary)
+    os.replace(temporary, directory / INFO_FILE)
+
+
+def remove_stale_files(directory: Path, info: IndexInfo) -> None:
+    """Delete data files of other generations and temporary files (from this or an interrupted run)."""
+    current = set(info.files.values())
+    for path in directory.iterdir():
+        stale_data = path.name.split("-")[0] in DATA_FILE_KINDS and path.name not in current
+        if stale_data or (path.name.startswith(".") and path.name.endswith(".tmp")):
+            path.unlink(missing_ok=True)
+
+
+# --- encoding ---
+
+
+def _load_image(transform: ImageTransform, path: Path) -> Image.Image | str:
+    # A decoder can raise many kinds of error on a corrupt file, and one bad file among a million
+    # must not stop the run: any error makes the image "unreadable", with the error as the reason.
+    try:
+        return transform.load(path, draft=True)
+    except Exception as error:
+        return f"{type(error).__name__}: {error}"
+
+
+def _loaded_batches(
+    root: Path, filenames: list[str], transform: ImageTransform, batch_size: int
+) -> Iterator[tuple[range, list[Image.Image | str]]]:
+    # Decoding runs in threads, one batch ahead of the model.
+    batches = [
+        range(start, min(start + batch_size, len(filenames)))
+        for start in range(0, len(filenames), batch_size)
+    ]
+    with ThreadPoolExecutor(_LOADING_THREADS) as pool:
+
+        def submit(batch: range) -> list[Future]:
+            return [pool.submit(_load_image, transform, root / filenames[index]) for index in batch]
+
+        pending = submit(batches[0]) if batches else []
+        for number, batch in enumerate(batches):
+            loaded = [future.result() for future in pending]
+            if number + 1 < len(batches):
+                pending = submit(batches[number + 1])
+            yield batch, loaded
+
+
+def encode_image_files(
+    model,
+    processor,
+    source: ImageSource,
+    filenames: list[str],
+    output: Path,
+    dtype: EmbeddingDtype,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> tuple[list[str], list[dict[str, str]]]:
+    """Encode image files with the shared helper, appending the embeddings to the raw file `output`.
+
+    Returns the filenames encoded, in order, and the unreadable ones as {"filename", "error"}.
+    """
+    transform = ImageTransform.from_processor(processor)
+    encoded, unreadable = [], []
+    with (
+        open(output, "wb") as sink,
+        tqdm(total=len(filenames), desc="Indexing images", unit="image", disable=not progress) as bar,
+    ):
+        for batch, loaded in _loaded_batches(source.root, filenames, transform, batch_size):
+            images = []
+            for index, image in zip(batch, loaded, strict=True):
+                if isinstance(image, str):
+                    unreadable.append({"filename": filenames[index], "error": image})
+                else:
+                    images.append(image)
+                    encoded.append(filenames[index])
+            if images:
+                embeds = encode_images(model, processor, images, batch_size=len(images), device=device)
+                sink.write(embeds.numpy().astype(dtype).tobytes())  # [len(images), dim]
+            bar.update(len(batch))
+    return encoded, unreadable
+
+
+# --- the faiss index ---
+
+
+def choose_index_type(requested: IndexType, count: int) -> Literal["exact", "approximate"]:
+    """The index type asked for, or for "auto" exact up to `EXACT_INDEX_LIMIT` vectors."""
+    if requested not in INDEX_TYPES:
+        raise InputError(f"index_type must be one of {INDEX_TYPES}, got {requested!r}")
+    if requested == "auto":
+        return "exact" if count <= EXACT_INDEX_LIMIT else "approximate"
+    return requested
+
+
+def ivf_list_count(count: int) -> int:
+    """IVF lists for `count` vectors: about 4 sqrt(n), with at least 39 training vectors per list."""
+    return max(1, min(int(4 * math.sqrt(count)), count // 39))
+
+
+def new_vector_index(index_type: str, embeddings: np.ndarray) -> faiss.Index:
+    """An empty inner-product index: flat (exact), or IVF trained on a sample of `embeddings`."""
+    dim = embeddings.shape[1]
+    if index_type == "exact":
+        return faiss.IndexFlatIP(dim)
+    lists = ivf_list_count(len(embeddings))
+    index = faiss.index_factory(dim, f"IVF{lists},Flat", faiss.METRIC_INNER_PRODUCT)
+    clustering = faiss.extract_index_ivf(index).cp
+    clustering.niter = (
+        10  # k-means of millions of vectors: 10 rounds cost a few minutes on 2 cores, 25 much more
+    )
+    clustering.min_points_per_centroid = 1  # a small index has 1 list; no warning about too few points
+    sample_size = min(len(embeddings), IVF_TRAINING_POINTS_PER_LIST * lists)
+    sample = np.unique(np.linspace(0, len(embeddings) - 1, sample_size).astype(np.int64))
+    index.train(np.asarray(embeddings[sample], dtype=np.float32))
+    return index
+
+
+def add_vectors(index: faiss.Index, embeddings: np.ndarray, start: int = 0) -> None:
+    """Add rows `start:` of `embeddings` (float16 or float32, possibly memory-mapped) to `index`."""
+    for row in range(start, len(embeddings), _ROWS_PER_CHUNK):
+        index.add(np.ascontiguousarray(embeddings[row : row + _ROWS_PER_CHUNK], dtype=np.float32))
+
+
+# --- building and updating an index directory ---
+
+
+def read_previous_index(output: Path) -> IndexInfo | None:
+    """The index already in `output`, None for a new or empty directory; refuse any other directory."""
+    info = read_info(output)
+    if info is None and output.is_dir() and any(output.iterdir()):
+        raise InputError(
+            f"{output}: exists and is not a retrieval index; choose a new or empty --output directory"
+        )
+    if info is None and output.exists() and not output.is_dir():
+        raise InputError(f"{output}: exists and is not a directory")
+    return info
+
+
+def check_same_collection(
+    previous: IndexInfo, output: Path, fingerprint: str, root: Path, dtype: EmbeddingDtype | None
+) -> None:
+    """Refuse to add to an index built by another model, from another folder, or at another precision."""
+    if previous.model_fingerprint != fingerprint:
+        raise InputError(
+            f"{output} was built with the model {previous.model_name_or_path} (fingerprint "
+            f"{previous.model_fingerprint[:12]}), and this model differs (fingerprint {fingerprint[:12]}); "
+            "embeddings of two models cannot be searched together: use a new --output directory"
+        )
+    if Path(previous.image_root) != root:
+        raise InputError(
+            f"{output} indexes the images under {previous.image_root}, not {root}; "
+            "use a new --output directory for another collection"
+        )
+    if dtype is not None and dtype != previous.dtype:
+        raise InputError(f"{output} stores {previous.dtype} embeddings; --dtype {dtype} needs a new index")
+
+
+def recorded_model_path(model_name_or_path: str | Path) -> str:
+    """An existing local path made absolute (so that search works from any directory), else the name."""
+    path = Path(model_name_or_path)
+    return str(path.absolute()) if path.exists() else str(model_name_or_path)
+
+
+def write_embeddings(
+    path: Path, old_embeddings: np.ndarray, keep_rows: np.ndarray, new_raw: Path
+) -> np.ndarray:
+    """Write the kept old rows, then the rows of the raw file `new_raw`, to a .npy file; map it read-only."""
+    dtype, dim = old_embeddings.dtype, old_embeddings.shape[1]
+    new_embeddings = (
+        np.memmap(new_raw, dtype=dtype, mode="r").reshape(-1, dim) if new_raw.stat().st_size else None
+    )
+    new_count = 0 if new_embeddings is None else len(new_embeddings)
+    output = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(len(keep_rows) + new_count, dim))
+    for start in range(0, len(keep_rows), _ROWS_PER_CHUNK):
+        rows = keep_rows[start : start + _ROWS_PER_CHUNK]
+        output[start : start + len(rows)] = old_embeddings[rows]
+    for start in range(0, new_count, _ROWS_PER_CHUNK):
+        end = min(start + _ROWS_PER_CHUNK, new_count)
+        output[len(keep_rows) + start : len(keep_rows) + end] = new_embeddings[start:end]
+    del new_embeddings
+    output.flush()
+    del output
+    _sync(path)
+    return np.load(path, mmap_mode="r")
+
+
+def update_vectors(
+    output: Path, info: IndexInfo, previous: IndexInfo | None, embeddings: np.ndarray, kept_all: bool
+) -> faiss.Index:
+    """Add the new rows to the previous faiss index where it still fits, else build a new one."""
+    reusable = previous is not None and kept_all and previous.index_type == info.index_type
+    if reusable and info.index_type == "approximate":
+        reusable = ivf_list_count(len(embeddings)) <= 2 * previous.ivf_lists  # retrain after ~4x growth
+    vectors = faiss.read_index(str(previous.path(output, "vectors"))) if reusable else None
+    if vectors is None:
+        vectors = new_vector_index(info.index_type, embeddings)
+    add_vectors(vectors, embeddings, start=vectors.ntotal)
+    if info.index_type == "approximate":
+        info.ivf_lists = faiss.extract_index_ivf(vectors).nlist
+        info.ivf_probed_lists = min(IVF_PROBED_LISTS, info.ivf_lists)
+    else:
+        info.ivf_lists = info.ivf_probed_lists = 0
+    info.files["vectors"] = f"vectors-{info.generation:06d}.faiss"
+    faiss.write_index(vectors, str(info.path(output, "vectors")))
+    _sync(info.path(output, "vectors"))
+    return vectors
+
+
+def write_data_files(
+    output: Path,
+    info: IndexInfo,
+    previous: IndexInfo | None,
+    old_embeddings: np.ndarray | None,
+    keep_rows: np.ndarray,
+    new_raw: Path,
+    metadata: pd.DataFrame,
+) -> tuple[np.ndarray, faiss.Index]:
+    """Write this generation's files (embeddings and vectors only where they change); fill `info.files`."""
+    new_count = len(metadata) - len(keep_rows)
+    kept_all = previous is not None and len(keep_rows) == previous.count
+    if previous is None or new_count or not kept_all:
+        info.files["embeddings"] = f"embeddings-{info.generation:06d}.npy"
+        if old_embeddings is None:  # a new index: the dtype comes from `info`
+            old_embeddings = np.empty((0, info.dim), dtype=info.dtype)
+        embeddings = write_embeddings(info.path(output, "embeddings"), old_embeddings, keep_rows, new_raw)
+    else:
+        embeddings = old_embeddings
+    if previous is None or new_count or not kept_all or previous.index_type != info.index_type:
+        vectors = update_vectors(output, info, previous, embeddings, kept_all)
+    else:
+        vectors = faiss.read_index(str(previous.path(output, "vectors")), faiss.IO_FLAG_MMAP_IFC)
+        info.ivf_lists, info.ivf_probed_lists = previous.ivf_lists, previous.ivf_probed_lists
+    info.files["metadata"] = f"metadata-{info.generation:06d}.csv"
+    metadata.to_csv(info.path(output, "metadata"), index=False)
+    _sync(info.path(output, "metadata"))
+    return embeddings, vectors
+
+
+def build_metadata(filenames: list[str], source: ImageSource) -> pd.DataFrame:
+    """The metadata table: filename, plus the source's text for each when it has texts."""
+    table = pd.DataFrame({"filename": filenames}, dtype=str)
+    if source.texts is not None:
+        texts = dict(zip(source.filenames, source.texts, strict=True))
+        table["text"] = [texts[name] for name in filenames]
+    return table
+
+
+def read_data_files(directory: Path, info: IndexInfo) -> tuple[np.ndarray, pd.DataFrame]:
+    """The memory-mapped embeddings and the metadata table of an index."""
+    try:
+        embeddings = np.load(info.path(directory, "embeddings"), mmap_mode="r")
+        metadata = pd.read_csv(info.path(directory, "metadata"), dtype=str, keep_default_na=False)
+    except (OSError, KeyError, ValueError) as error:
+        raise InputError(
+            f"{directory}: the index files are missing or damaged ({error}); rebuild it"
+        ) from error
+    if len(embeddings) != info.count or len(metadata) != info.count:
+        raise InputError(f"{directory}: the index files disagree with {INFO_FILE}; rebuild the index")
+    return embeddings, metadata
+
+
+def build_index(
+    model_name_or_path: str | Path,
+    output: str | Path,
+    source: ImageSource,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    index_type: IndexType = "auto",
+    dtype: EmbeddingDtype | None = None,
+    progress: bool = False,
+) -> "RetrievalIndex":
+    """Create or update the index in `output`; see `RetrievalIndex.build`."""
+    output = Path(output)
+    previous = read_previous_index(output)
+    model, processor = load_model_and_processor(model_name_or_path, device)
+    fingerprint = model_fingerprint(model, processor)
+    old_embeddings, old_metadata = None, pd.DataFrame({"filename": []}, dtype=str)
+    if previous is not None:
+        check_same_collection(previous, output, fingerprint, source.root, dtype)
+        old_embeddings, old_metadata = read_data_files(output, previous)
+    wanted, known = set(source.filenames), set(old_metadata["filename"])
+    keep_rows = np.flatnonzero(old_metadata["filename"].isin(wanted).to_numpy())
+    new_filenames = [name for name in source.filenames if name not in known]
+    dtype = dtype or (previous.dtype if previous else "float16")
+    output.mkdir(parents=True, exist_ok=True)
+    new_raw = output / f".new-embeddings.{os.getpid()}.tmp"
+    try:
+        encoded, unreadable = encode_image_files(
+            model, processor, source, new_filenames, new_raw, dtype, batch_size, device, progress
+        )
+        filenames = old_metadata["filename"].iloc[keep_rows].tolist() + encoded
+        if not filenames:
+            raise InputError(f"{source.root}: no readable images, so nothing was indexed")
+        info = IndexInfo(
+            model_name_or_path=recorded_model_path(model_name_or_path),
+            model_fingerprint=fingerprint,
+            image_root=str(source.root),
+            dim=model.config.projection_dim,
+            dtype=dtype,
+            index_type=choose_index_type(index_type, len(filenames)),
+            count=len(filenames),
+            generation=previous.generation + 1 if previous else 1,
+            files=dict(previous.files) if previous else {},
+            has_text=source.texts is not None,
+        )
+        info.last_run = {
+            "new": len(encoded),
+            "already_indexed": len(keep_rows),
+            "removed": len(old_metadata) - len(keep_rows),
+            "unreadable": unreadable,
+        }
+        metadata = build_metadata(filenames, source)
+        embeddings, vectors = write_data_files(
+            output, info, previous, old_embeddings, keep_rows, new_raw, metadata
+        )
+        write_info(output, info)
+    finally:
+        new_raw.unlink(missing_ok=True)
+    remove_stale_files(output, info)
+    return RetrievalIndex(output, info, metadata, embeddings, vectors, model, processor)
+
+
+# --- searching ---
+
+
+@dataclass
+class SearchResult:
+    """One indexed image found by a search, with its cosine similarity to the query."""
+
+    filename: str  # relative to the index's image root
+    score: float
+    text: str | None = None  # the CSV's caption, for an index built from a CSV
+
+    def to_dict(self) -> dict[str, object]:
+        """{"filename", "score"}, plus "text" when the index has texts."""
+        document: dict[str, object] = {"filename": self.filename, "score": self.score}
+        if self.text is not None:
+            document["text"] = self.text
+        return document
+
+
+def results_document(query: str, results: list[SearchResult]) -> dict[str, object]:
+    """The JSON answer of the search command and the web API: the query and its ranked results."""
+    return {"query": query, "results": [result.to_dict() for result in results]}
+
+
+class RetrievalIndex:
+    """An index directory opened for search; the model is loaded on the first text or image query."""
+
+    def __init__(
+        self,
+        directory: Path,
+        info: IndexInfo,
+        metadata: pd.DataFrame,
+        embeddings: np.ndarray,
+        vectors: faiss.Index,
+        model=None,
+        processor=None,
+        model_name_or_path: str | Path | None = None,
+        device: str | torch.device | None = None,
+    ):
+        self.directory = Path(directory)
+        self.info = info
+        self.metadata = metadata
+        self.embeddings = embeddings  # [n, dim], memory-mapped
+        self.vectors = vectors
+        self.model, self.processor = model, processor
+        self.model_name_or_path = str(model_name_or_path or info.model_name_or_path)
+        self.device = device
+        if info.index_type == "approximate":
+            faiss.extract_index_ivf(vectors).nprobe = info.ivf_probed_lists
+
+    @classmethod
+    def build(
+        cls,
+        model_name_or_path: str | Path,
+        output: str | Path,
+        source: ImageSource,
+        batch_size: int = 64,
+        device: str | torch.device | None = None,
+        index_type: IndexType = "auto",
+        dtype: EmbeddingDtype | None = None,
+        progress: bool = False,
+    ) -> "RetrievalIndex":
+        """Encode the images of `source` not yet in the index in `output` and write the index.
+
+        Images no longer in `source` are dropped; unreadable ones are skipped and listed in
+        `info.last_run["unreadable"]`. An index built by another model (or from another image root)
+        is refused.
+
+        Args:
+            index_type: "exact" (flat inner product), "approximate" (IVF), or "auto": exact up to
+                `EXACT_INDEX_LIMIT` vectors.
+            dtype: how embeddings are stored; default float16, or the existing index's.
+        """
+        return build_index(
+            model_name_or_path, output, source, batch_size, device, index_type, dtype, progress
+        )
+
+    @classmethod
+    def load(
+        cls,
+        directory: str | Path,
+        model_name_or_path: str | Path | None = None,
+        device: str | torch.device | None = None,
+    ) -> "RetrievalIndex":
+        """Open an index; queries will use `model_name_or_path` (default: the recorded model)."""
+        directory = Path(directory)
+        info = read_info(directory)
+        if info is None:
+            raise InputError(
+                f"{directory}: not a retrieval index (no {INFO_FILE}); build one with `retrieval.py index`"
+            )
+        embeddings, metadata = read_data_files(directory, info)
+        try:  # memory-mapped: only the parts a query reads (IVF: its probed lists) come into memory
+            vectors = faiss.read_index(str(info.path(directory, "vectors")), faiss.IO_FLAG_MMAP_IFC)
+        except (KeyError, RuntimeError) as error:
+            raise InputError(f"{directory}: cannot read the faiss index ({error}); rebuild it") from error
+        if vectors.ntotal != info.count:
+            raise InputError(f"{directory}: the faiss index disagrees with {INFO_FILE}; rebuild the index")
+        return cls(directory, info, metadata, embeddings, vectors, None, None, model_name_or_path, device)
+
+    def __len__(self) -> int:
+        return self.info.count
+
+    @property
+    def image_root(self) -> Path:
+        """The directory the indexed filenames are relative to."""
+        return Path(self.info.image_root)
+
+    def load_model(self) -> tuple[object, object]:
+        """The model and processor for queries, loaded once; refuse one other than the index's."""
+        if self.model is None:
+            hint = f"the index was built with {self.info.model_name_or_path}; pass its new path if it moved"
+            try:
+                model, processor = load_model_and_processor(self.model_name_or_path, self.device)
+            except ValueError as error:  # InputError and CheckpointError
+                raise InputError(f"{error}; {hint}") from error
+            if model_fingerprint(model, processor) != self.info.model_fingerprint:
+                raise InputError(
+                    f"{self.model_name_or_path} is not the model that built {self.directory} "
+                    f"(fingerprint {self.info.model_fingerprint[:12]}); it was changed or is another model"
+                )
+            self.model, self.processor = model, processor
+        return self.model, self.processor
+
+    def search_embedding(self, query_embed: np.ndarray | torch.Tensor, top_k: int = 10) -> list[SearchResult]:
+        """The `top_k` indexed images with the largest inner product with an L2-normalised [dim] query."""
+        if top_k < 1:
+            raise InputError(f"top_k must be at least 1, got {top_k}")
+        query = np.asarray(query_embed, dtype=np.float32).reshape(1, -1)  # [1, dim]
+        if query.shape[1] != self.info.dim:
+            raise InputError(f"the query has {query.shape[1]} dimensions, the index {self.info.dim}")
+        scores, rows = self.vectors.search(query, min(top_k, self.info.count))
+        texts = self.metadata["text"] if self.info.has_text else None
+        return [
+            SearchResult(
+                self.metadata["filename"].iat[row], float(score), None if texts is None else texts.iat[row]
+            )
+            for score, row in zip(scores[0], rows[0], strict=True)
+            if row >= 0  # IVF returns -1 when the probed lists hold fewer than top_k vectors
+        ]
+
+    def search_text(self, text: str, top_k: int = 10, max_length: int = 64) -> list[SearchResult]:
+        """The `top_k` indexed images most similar to a text."""
+        if not text.strip():
+            raise InputError("the query text is empty")
+        model, processor = self.load_model()
+        return self.search_embedding(encode_texts(model, processor, [text], max_length=max_length)[0], top_k)
+
+    def search_image(self, image: ImageInput, top_k: int = 10) -> list[SearchResult]:
+        """The `top_k` indexed images most similar to an image (a file path or a PIL image)."""
+        model, processor = self.load_model()
+        return self.search_embedding(encode_images(model, processor, [image])[0], top_k)
