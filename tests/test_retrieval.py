@@ -1,0 +1,444 @@
+"""retrieval.py on a tiny checkpoint: search against brute force, incremental and refused re-indexing,
+unreadable images, atomic updates, the web API, and the benchmark's quick mode."""
+
+import io
+import json
+import shutil
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+from urllib.parse import quote
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import retrieval
+from benchmarks import bench_retrieval
+from component import retrieval as retrieval_component
+from component import retrieval_server
+from component.encoding import encode_images, encode_texts, load_model_and_processor
+from component.model import BertCLIPModel
+from component.processor import build_processor
+from component.retrieval import RetrievalIndex, read_info
+from component.retrieval_server import RetrievalServer
+
+QUERIES = ["一只猫", "红色的汽车停在路边", "蓝天白云"]
+
+
+def draw_images(directory: Path, names: list[str], seed: int = 0) -> list[Path]:
+    """Distinct images (random colour blocks of various sizes), one per name, as PNG or JPEG by suffix."""
+    paths = []
+    for number, name in enumerate(names):
+        rng = np.random.default_rng(seed * 1000 + number)
+        blocks = rng.integers(0, 256, (4, 5, 3), dtype=np.uint8)
+        width, height = 40 + 7 * (number % 4), 32 + 5 * (number % 3)
+        path = directory / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(blocks).resize((width, height), Image.Resampling.NEAREST).save(path)
+        paths.append(path)
+    return paths
+
+
+IMAGE_NAMES = ["a.png", "b.jpg", "c.png", "d.jpg", "e.png", "more/f.png", "more/g.jpg", "长城.png"]
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory) -> Path:
+    """Eight images, two in a subdirectory, one with a Chinese file name."""
+    directory = tmp_path_factory.mktemp("collection")
+    draw_images(directory, IMAGE_NAMES)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def built_index(tiny_checkpoint, collection, tmp_path_factory) -> Path:
+    """The index of `collection`, made once by the index command."""
+    output = tmp_path_factory.mktemp("index") / "index"
+    retrieval.main(index_argv(tiny_checkpoint, output, "--images_dir", collection, "--batch_size", 3))
+    return output
+
+
+@pytest.fixture(scope="module")
+def other_checkpoint(tiny_towers, tmp_path_factory) -> Path:
+    """Another BertCLIP model from the same towers (different random projections)."""
+    directory = tmp_path_factory.mktemp("other_bert_clip")
+    torch.manual_seed(1)
+    model = BertCLIPModel.from_vision_text_pretrained(str(tiny_towers["clip"]), str(tiny_towers["bert"]))
+    model.save_pretrained(directory)
+    build_processor(tiny_towers["clip"], tiny_towers["bert"]).save_pretrained(directory)
+    return directory
+
+
+def index_argv(checkpoint: Path, output: Path, *options) -> list[str]:
+    """The index command's arguments: model, output, CPU and `options`."""
+    argv = ["index", "--model_name_or_path", checkpoint, "--output", output, "--device", "cpu", *options]
+    return [str(argument) for argument in argv]
+
+
+def run_index(checkpoint: Path, images_dir: Path, output: Path, *options) -> None:
+    retrieval.main(index_argv(checkpoint, output, "--images_dir", images_dir, *options))
+
+
+def search_json(capsys, index: Path, *query: str) -> dict:
+    capsys.readouterr()  # drop earlier output
+    retrieval.main(["search", "--index", str(index), *query, "--json", "--device", "cpu"])
+    return json.loads(capsys.readouterr().out)
+
+
+def run_error(capsys, argv: list[str]) -> str:
+    """Run a command that must fail; its one-line error message."""
+    with pytest.raises(SystemExit) as exit_info:
+        retrieval.main(argv)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "Traceback" not in error
+    return error.strip().splitlines()[-1]
+
+
+def stored(index: Path) -> tuple[list[str], np.ndarray]:
+    """The filenames and embeddings (as float32) an index holds, row by row."""
+    info = read_info(index)
+    filenames = (index / info.files["metadata"]).read_text(encoding="utf-8").splitlines()[1:]
+    return filenames, np.load(index / info.files["embeddings"]).astype(np.float32)
+
+
+def brute_force(index: Path, query_embed: torch.Tensor) -> list[tuple[str, float]]:
+    """Every stored image ranked by cosine with the query, computed with numpy."""
+    filenames, embeddings = stored(index)
+    scores = embeddings @ query_embed.numpy()
+    order = np.argsort(-scores, kind="stable")
+    return [(filenames[row], float(scores[row])) for row in order]
+
+
+def assert_same_ranking(document: dict, expected: list[tuple[str, float]]) -> None:
+    assert [result["filename"] for result in document["results"]] == [name for name, _ in expected]
+    np.testing.assert_allclose(
+        [result["score"] for result in document["results"]], [score for _, score in expected], atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("query", QUERIES)
+def test_text_search_equals_brute_force_ranking(capsys, built_index, tiny_checkpoint, query):
+    model, processor = load_model_and_processor(tiny_checkpoint, "cpu")
+    expected = brute_force(built_index, encode_texts(model, processor, [query])[0])
+    document = search_json(capsys, built_index, "--text", query, "--top_k", str(len(IMAGE_NAMES)))
+    assert document["query"] == query
+    assert_same_ranking(document, expected)
+
+
+def test_image_search_equals_brute_force_ranking_and_finds_the_image_itself(
+    capsys, built_index, collection, tiny_checkpoint
+):
+    query = collection / "more" / "f.png"
+    model, processor = load_model_and_processor(tiny_checkpoint, "cpu")
+    expected = brute_force(built_index, encode_images(model, processor, [query])[0])
+    document = search_json(capsys, built_index, "--image", str(query), "--top_k", "3")
+    assert document["query"] == str(query)
+    assert_same_ranking(document, expected[:3])
+    assert document["results"][0]["filename"] == "more/f.png"
+    assert document["results"][0]["score"] == pytest.approx(1.0, abs=2e-3)  # float16 storage
+
+
+def test_stored_embeddings_are_the_shared_helpers_normalised(built_index, collection, tiny_checkpoint):
+    filenames, embeddings = stored(built_index)
+    assert sorted(filenames) == sorted(IMAGE_NAMES)
+    model, processor = load_model_and_processor(tiny_checkpoint, "cpu")
+    expected = encode_images(model, processor, [collection / name for name in filenames]).numpy()
+    np.testing.assert_allclose(embeddings, expected, atol=2e-3)
+    np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=2e-3)
+
+
+def test_index_records_the_model_and_an_exact_index(built_index, tiny_checkpoint, collection):
+    info = read_info(built_index)
+    assert info.model_name_or_path == str(tiny_checkpoint)
+    assert info.image_root == str(collection)
+    assert (info.index_type, info.dtype, info.count) == ("exact", "float16", len(IMAGE_NAMES))
+    assert len(info.model_fingerprint) == 64
+
+
+def test_plain_search_prints_ranked_lines(capsys, built_index):
+    retrieval.main(
+        ["search", "--index", str(built_index), "--text", "一只猫", "--top_k", "2", "--device", "cpu"]
+    )
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2
+    assert lines[0].split()[0] == "1." and lines[1].split()[0] == "2."
+    assert float(lines[0].split()[1]) >= float(lines[1].split()[1])
+
+
+def test_python_api_equals_the_search_command(capsys, built_index):
+    index = RetrievalIndex.load(built_index, device="cpu")
+    results = index.search_text("蓝天白云", top_k=4)
+    document = search_json(capsys, built_index, "--text", "蓝天白云", "--top_k", "4")
+    assert [result.to_dict() for result in results] == document["results"]
+
+
+def test_reindex_of_a_grown_folder_encodes_only_the_new_images(
+    tmp_path, tiny_checkpoint, collection, monkeypatch, capsys
+):
+    images = tmp_path / "images"
+    shutil.copytree(collection, images)
+    run_index(tiny_checkpoint, images, tmp_path / "index")
+    before_names, before_embeddings = stored(tmp_path / "index")
+    draw_images(images, ["new/h.png", "i.jpg"], seed=1)
+    encoded = []
+
+    def counting_encode_images(model, processor, images, **options):
+        encoded.extend(images)
+        return encode_images(model, processor, images, **options)
+
+    monkeypatch.setattr(retrieval_component, "encode_images", counting_encode_images)
+    capsys.readouterr()
+    run_index(tiny_checkpoint, images, tmp_path / "index")
+    assert len(encoded) == 2
+    assert "indexed 2 new image(s); 8 already indexed, 0 removed, 0 unreadable" in capsys.readouterr().out
+    names, embeddings = stored(tmp_path / "index")
+    assert names == [*before_names, "i.jpg", "new/h.png"]
+    np.testing.assert_array_equal(embeddings[: len(before_names)], before_embeddings)
+    monkeypatch.undo()
+    run_index(tiny_checkpoint, images, tmp_path / "fresh")
+    fresh_names, fresh_embeddings = stored(tmp_path / "fresh")
+    order = [fresh_names.index(name) for name in names]
+    np.testing.assert_allclose(embeddings, fresh_embeddings[order], atol=1e-3)
+
+
+def test_reindex_drops_images_no_longer_in_the_folder(capsys, tmp_path, tiny_checkpoint, collection):
+    images = tmp_path / "images"
+    shutil.copytree(collection, images)
+    run_index(tiny_checkpoint, images, tmp_path / "index")
+    (images / "b.jpg").unlink()
+    run_index(tiny_checkpoint, images, tmp_path / "index")
+    assert "0 new image(s); 7 already indexed, 1 removed" in capsys.readouterr().out
+    names, _ = stored(tmp_path / "index")
+    assert "b.jpg" not in names and len(names) == 7
+    document = search_json(capsys, tmp_path / "index", "--text", "一只猫", "--top_k", "10")
+    assert len(document["results"]) == 7
+    assert sorted(path.name for path in (tmp_path / "index").iterdir()) == [
+        "embeddings-000002.npy",
+        "index.json",
+        "metadata-000002.csv",
+        "vectors-000002.faiss",
+    ]
+
+
+def test_index_with_another_model_is_refused(capsys, built_index, other_checkpoint, collection):
+    info_before = (built_index / "index.json").read_text()
+    error = run_error(capsys, index_argv(other_checkpoint, built_index, "--images_dir", collection))
+    assert error.startswith(f"error: {built_index} was built with the model")
+    assert "this model differs" in error and "new --output" in error
+    assert (built_index / "index.json").read_text() == info_before
+
+
+def test_search_with_another_model_is_refused(capsys, built_index, other_checkpoint):
+    error = run_error(
+        capsys,
+        [
+            "search",
+            "--index",
+            str(built_index),
+            "--text",
+            "猫",
+            "--model_name_or_path",
+            str(other_checkpoint),
+        ],
+    )
+    assert "is not the model that built" in error
+
+
+def test_unreadable_images_are_skipped_and_listed(capsys, tmp_path, tiny_checkpoint):
+    images = tmp_path / "images"
+    draw_images(images, ["good.png", "fine.jpg"])
+    (images / "broken.jpg").write_bytes(b"this is not a JPEG")
+    (images / "cut.png").write_bytes((images / "good.png").read_bytes()[:60])
+    run_index(tiny_checkpoint, images, tmp_path / "index")
+    captured = capsys.readouterr()
+    assert "2 new image(s); 0 already indexed, 0 removed, 2 unreadable" in captured.out
+    skipped = [line for line in captured.err.splitlines() if line.startswith("skipped unreadable image")]
+    assert sorted(line.split()[3] for line in skipped) == ["broken.jpg:", "cut.png:"]
+    unreadable = read_info(tmp_path / "index").last_run["unreadable"]
+    assert sorted(image["filename"] for image in unreadable) == ["broken.jpg", "cut.png"]
+    assert sorted(stored(tmp_path / "index")[0]) == ["fine.jpg", "good.png"]
+
+
+def test_a_folder_of_only_unreadable_images_is_an_error(capsys, tmp_path, tiny_checkpoint):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "broken.png").write_bytes(b"not a PNG")
+    error = run_error(
+        capsys, index_argv(tiny_checkpoint, tmp_path / "index", "--images_dir", tmp_path / "images")
+    )
+    assert "no readable images" in error
+    assert not (tmp_path / "index" / "index.json").exists()
+
+
+def test_csv_index_keeps_each_images_first_text(capsys, tmp_path, tiny_checkpoint, collection):
+    rows = [
+        "text,filename",
+        "一只猫,a.png",
+        "另一只猫,a.png",
+        "红色的汽车,more/f.png",
+        "丢失的图片,missing.png",
+    ]
+    (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    csv_options = ["--input", tmp_path / "pairs.csv", "--image_path", collection]
+    retrieval.main(index_argv(tiny_checkpoint, tmp_path / "index", *csv_options))
+    assert "2 new image(s); 0 already indexed, 0 removed, 1 unreadable" in capsys.readouterr().out
+    document = search_json(capsys, tmp_path / "index", "--text", "猫", "--top_k", "5")
+    texts = {result["filename"]: result["text"] for result in document["results"]}
+    assert texts == {"a.png": "一只猫", "more/f.png": "红色的汽车"}
+
+
+def test_approximate_index_on_a_small_set_ranks_like_the_exact_one(
+    capsys, tmp_path, tiny_checkpoint, built_index
+):
+    info = read_info(built_index)
+    run_index(tiny_checkpoint, Path(info.image_root), tmp_path / "index", "--index_type", "approximate")
+    assert read_info(tmp_path / "index").index_type == "approximate"
+    approximate = search_json(capsys, tmp_path / "index", "--text", "一只猫", "--top_k", "5")
+    exact = search_json(capsys, built_index, "--text", "一只猫", "--top_k", "5")
+    assert [r["filename"] for r in approximate["results"]] == [r["filename"] for r in exact["results"]]
+
+
+def test_interrupted_update_leaves_the_previous_index_whole(
+    capsys, tmp_path, tiny_checkpoint, collection, monkeypatch
+):
+    images = tmp_path / "images"
+    shutil.copytree(collection, images)
+    run_index(tiny_checkpoint, images, tmp_path / "index")
+    before = search_json(capsys, tmp_path / "index", "--text", "一只猫", "--top_k", "20")
+    draw_images(images, ["late.png"], seed=2)
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(retrieval_component, "write_info", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_index(tiny_checkpoint, images, tmp_path / "index")
+    assert search_json(capsys, tmp_path / "index", "--text", "一只猫", "--top_k", "20") == before
+    monkeypatch.undo()
+    run_index(tiny_checkpoint, images, tmp_path / "index")
+    assert "indexed 1 new image(s); 8 already indexed" in capsys.readouterr().out
+    assert len(list((tmp_path / "index").iterdir())) == 4  # the interrupted run's files are gone
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["search", "--index", "{tmp}/none", "--text", "猫"], "not a retrieval index"),
+        (["search", "--index", "{index}", "--image", "{tmp}/none.png"], "no such image file"),
+        (["search", "--index", "{index}", "--text", "  "], "the query text is empty"),
+        (
+            ["index", "--model_name_or_path", "{model}", "--input", "{tmp}/x.csv", "--output", "{tmp}/i"],
+            "--image_path",
+        ),
+        (
+            ["index", "--model_name_or_path", "{model}", "--images_dir", "{tmp}/none", "--output", "{tmp}/i"],
+            "no such",
+        ),
+        (
+            ["index", "--model_name_or_path", "{model}", "--images_dir", "{images}", "--output", "{images}"],
+            "not a retrieval index",
+        ),
+        (
+            ["index", "--model_name_or_path", "{tmp}", "--images_dir", "{images}", "--output", "{tmp}/i"],
+            "config.json",
+        ),
+    ],
+)
+def test_bad_inputs_are_one_line_errors(
+    capsys, tmp_path, built_index, tiny_checkpoint, collection, argv, message
+):
+    values = dict(tmp=tmp_path, index=built_index, model=tiny_checkpoint, images=collection)
+    error = run_error(capsys, [argument.format(**values) for argument in argv] + ["--device", "cpu"])
+    assert error.startswith("error: ") and message in error
+
+
+# --- the web API ---
+
+
+@pytest.fixture(scope="module")
+def server(built_index):
+    """The search page's server for `built_index` on a free loopback port."""
+    index = RetrievalIndex.load(built_index, device="cpu")
+    server = RetrievalServer(index, "127.0.0.1", 0, log_requests=False)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def fetch(server: RetrievalServer, path: str, body: bytes | None = None) -> tuple[int, bytes, str]:
+    """Status, body and content type of a request to the server."""
+    request = urllib.request.Request(
+        server.url.rstrip("/") + path, data=body, method="POST" if body else "GET"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read(), response.headers["Content-Type"]
+    except urllib.error.HTTPError as error:
+        return error.code, error.read(), error.headers["Content-Type"]
+
+
+def test_api_text_search_equals_the_search_command(capsys, server, built_index):
+    status, body, content_type = fetch(server, "/api/search?top_k=5&text=" + quote("红色的汽车停在路边"))
+    assert (status, content_type) == (200, "application/json")
+    assert json.loads(body) == search_json(
+        capsys, built_index, "--text", "红色的汽车停在路边", "--top_k", "5"
+    )
+
+
+def test_api_image_upload_search_finds_the_image(server, collection):
+    status, body, _ = fetch(server, "/api/search_image?top_k=2", (collection / "d.jpg").read_bytes())
+    assert status == 200
+    assert json.loads(body)["results"][0]["filename"] == "d.jpg"
+
+
+def test_page_and_images_are_served(server, collection):
+    status, page, content_type = fetch(server, "/")
+    assert status == 200 and content_type.startswith("text/html") and b'id="query"' in page
+    status, body, content_type = fetch(server, "/image?path=" + quote("长城.png"))
+    assert (status, content_type, body) == (200, "image/png", (collection / "长城.png").read_bytes())
+    status, body, content_type = fetch(server, "/thumbnail?path=" + quote("more/g.jpg"))
+    assert (status, content_type) == (200, "image/jpeg")
+    assert max(Image.open(io.BytesIO(body)).size) <= 256
+
+
+@pytest.mark.parametrize(
+    "path", ["../outside.png", "/etc/passwd", "more/../a.png", "missing.png", "", "%2e%2e/outside.png"]
+)
+def test_only_indexed_images_inside_the_folder_are_served(server, collection, path):
+    (collection.parent / "outside.png").write_bytes((collection / "a.png").read_bytes())
+    for route in ("/image", "/thumbnail"):
+        status, body, _ = fetch(server, f"{route}?path={quote(path, safe='%')}")
+        assert status == 404 and "not an indexed image" in json.loads(body)["error"]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status"),
+    [
+        ("/api/search?text=" + quote("猫") + "&top_k=0", None, 400),
+        ("/api/search?text=" + quote("猫") + "&top_k=many", None, 400),
+        ("/api/search?text=", None, 400),
+        ("/api/search_image", b"not an image", 400),
+        ("/api/search_image", b"x" * 1001, 413),  # the cap is lowered to 1,000 bytes
+        ("/nothing", None, 404),
+    ],
+)
+def test_bad_api_requests_get_json_errors(server, monkeypatch, path, body, status):
+    monkeypatch.setattr(retrieval_server, "MAX_UPLOAD_BYTES", 1000)
+    got_status, got_body, content_type = fetch(server, path, body)
+    assert (got_status, content_type) == (status, "application/json")
+    assert json.loads(got_body)["error"]
+
+
+# --- the benchmark ---
+
+
+def test_benchmark_quick_mode_runs(tmp_path, capsys):
+    assert bench_retrieval.main(["--quick", "--workdir", str(tmp_path)]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    assert figures["indexing"]["cpu"]["images_per_s"] > 0
+    assert {row["vectors"] for row in figures["query_latency"]} == set(bench_retrieval.QUICK_VECTOR_COUNTS)
