@@ -29,8 +29,7 @@ from component.image_check import InputError, count_csv_rows, iter_csv_rows, rea
 
 REQUIRED_COLUMNS = ("url", "filename")
 DEFAULTS = DownloadOptions()
-# Enough requests in flight to cover ~0.3 s of web latency at what the cores can decode; one
-# process tops out near 1,000 images/s (the GIL-bound part is about 1 ms an image).
+# Enough requests in flight to cover ~0.3 s of web latency at what the cores can convert.
 DEFAULT_THREADS = min(256, 32 * (os.cpu_count() or 2))
 
 
