@@ -134,7 +134,8 @@ def run_search(args: argparse.Namespace) -> None:
 
 def run_serve(args: argparse.Namespace) -> None:
     """Load the index and its model, then serve the search page until interrupted."""
-    index = RetrievalIndex.load(args.index, args.model_name_or_path, pick_device(args.device))
+    device = pick_device(args.device)
+    index = RetrievalIndex.load(args.index, args.model_name_or_path, device, memory_map=False)
     index.load_model()
     serve(index, args.host, args.port)
 

@@ -141,8 +141,12 @@ def read_info(directory: str | Path) -> IndexInfo | None:
 
 
 def _sync(path: Path) -> None:
-    with open(path, "rb+") as file:
-        os.fsync(file.fileno())
+    # Data on disk before index.json names it, so that not even a power cut leaves a half index.
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def write_info(directory: Path, info: IndexInfo) -> None:
@@ -151,13 +155,20 @@ def write_info(directory: Path, info: IndexInfo) -> None:
     temporary.write_text(json.dumps(asdict(info), ensure_ascii=False, indent=1), encoding="utf-8")
     _sync(temporary)
     os.replace(temporary, directory / INFO_FILE)
+    _sync(directory)
+
+
+def data_file_name(kind: str, generation: int) -> str:
+    """The name of a data file: embeddings-000003.npy, metadata-000003.csv or vectors-000003.faiss."""
+    return f"{kind}-{generation:06d}{DATA_FILE_KINDS[kind]}"
 
 
 def remove_stale_files(directory: Path, info: IndexInfo) -> None:
     """Delete data files of other generations and temporary files (from this or an interrupted run)."""
     current = set(info.files.values())
     for path in directory.iterdir():
-        stale_data = path.name.split("-")[0] in DATA_FILE_KINDS and path.name not in current
+        kind, _, rest = path.name.partition("-")
+        stale_data = kind in DATA_FILE_KINDS and rest[:6].isdigit() and path.name not in current
         if stale_data or (path.name.startswith(".") and path.name.endswith(".tmp")):
             path.unlink(missing_ok=True)
 
@@ -256,9 +267,8 @@ def new_vector_index(index_type: str, embeddings: np.ndarray) -> faiss.Index:
     lists = ivf_list_count(len(embeddings))
     index = faiss.index_factory(dim, f"IVF{lists},Flat", faiss.METRIC_INNER_PRODUCT)
     clustering = faiss.extract_index_ivf(index).cp
-    clustering.niter = (
-        10  # k-means of millions of vectors: 10 rounds cost a few minutes on 2 cores, 25 much more
-    )
+    # k-means over a few million vectors: 10 rounds (faiss's default is 25) take minutes on 2 cores.
+    clustering.niter = 10
     clustering.min_points_per_centroid = 1  # a small index has 1 list; no warning about too few points
     sample_size = min(len(embeddings), IVF_TRAINING_POINTS_PER_LIST * lists)
     sample = np.unique(np.linspace(0, len(embeddings) - 1, sample_size).astype(np.int64))
@@ -351,7 +361,7 @@ def update_vectors(
         info.ivf_probed_lists = min(IVF_PROBED_LISTS, info.ivf_lists)
     else:
         info.ivf_lists = info.ivf_probed_lists = 0
-    info.files["vectors"] = f"vectors-{info.generation:06d}.faiss"
+    info.files["vectors"] = data_file_name("vectors", info.generation)
     faiss.write_index(vectors, str(info.path(output, "vectors")))
     _sync(info.path(output, "vectors"))
     return vectors
@@ -370,7 +380,7 @@ def write_data_files(
     new_count = len(metadata) - len(keep_rows)
     kept_all = previous is not None and len(keep_rows) == previous.count
     if previous is None or new_count or not kept_all:
-        info.files["embeddings"] = f"embeddings-{info.generation:06d}.npy"
+        info.files["embeddings"] = data_file_name("embeddings", info.generation)
         if old_embeddings is None:  # a new index: the dtype comes from `info`
             old_embeddings = np.empty((0, info.dim), dtype=info.dtype)
         embeddings = write_embeddings(info.path(output, "embeddings"), old_embeddings, keep_rows, new_raw)
@@ -381,7 +391,7 @@ def write_data_files(
     else:
         vectors = faiss.read_index(str(previous.path(output, "vectors")), faiss.IO_FLAG_MMAP_IFC)
         info.ivf_lists, info.ivf_probed_lists = previous.ivf_lists, previous.ivf_probed_lists
-    info.files["metadata"] = f"metadata-{info.generation:06d}.csv"
+    info.files["metadata"] = data_file_name("metadata", info.generation)
     metadata.to_csv(info.path(output, "metadata"), index=False)
     _sync(info.path(output, "metadata"))
     return embeddings, vectors
@@ -554,8 +564,14 @@ class RetrievalIndex:
         directory: str | Path,
         model_name_or_path: str | Path | None = None,
         device: str | torch.device | None = None,
+        memory_map: bool = True,
     ) -> "RetrievalIndex":
-        """Open an index; queries will use `model_name_or_path` (default: the recorded model)."""
+        """Open an index; queries will use `model_name_or_path` (default: the recorded model).
+
+        With `memory_map` the faiss index is mapped, not read: opening is instant and a query reads
+        only what it needs (an IVF index: its probed lists), from disk when not yet cached. A
+        server reads it into memory instead (`memory_map=False`), for steady latency.
+        """
         directory = Path(directory)
         info = read_info(directory)
         if info is None:
@@ -563,8 +579,9 @@ class RetrievalIndex:
                 f"{directory}: not a retrieval index (no {INFO_FILE}); build one with `retrieval.py index`"
             )
         embeddings, metadata = read_data_files(directory, info)
-        try:  # memory-mapped: only the parts a query reads (IVF: its probed lists) come into memory
-            vectors = faiss.read_index(str(info.path(directory, "vectors")), faiss.IO_FLAG_MMAP_IFC)
+        try:
+            flags = faiss.IO_FLAG_MMAP_IFC if memory_map else 0
+            vectors = faiss.read_index(str(info.path(directory, "vectors")), flags)
         except (KeyError, RuntimeError) as error:
             raise InputError(f"{directory}: cannot read the faiss index ({error}); rebuild it") from error
         if vectors.ntotal != info.count:
