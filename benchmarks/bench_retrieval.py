@@ -144,14 +144,18 @@ def measure_text_encoding(model_path: Path, texts: int = 30) -> float:
 # --- synthetic vector indexes ---
 
 
-def clustered_unit_vectors(count: int, dim: int, seed: int, clusters: int = 2_000) -> np.ndarray:
-    """float32 [count, dim] unit vectors around random centres (within-cluster cosine about 0.5)."""
+def clustered_unit_vectors(
+    count: int, dim: int, seed: int, clusters: int = 2_000, noise: float = 1.0
+) -> np.ndarray:
+    """float32 [count, dim] unit vectors around random centres: cosine to the centre about 0.7 with
+    noise 1, about 0.45 with noise 2 (queries: like text queries, farther from the images they find)."""
     rng = np.random.default_rng(seed)
     centres = np.random.default_rng(12345).standard_normal((clusters, dim)).astype(np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    vectors = centres[rng.integers(0, clusters, count)] + rng.standard_normal(
-        (count, dim), np.float32
-    ) / np.sqrt(dim)
+    spread = noise / np.sqrt(dim)
+    vectors = (
+        centres[rng.integers(0, clusters, count)] + rng.standard_normal((count, dim), np.float32) * spread
+    )
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
@@ -181,20 +185,31 @@ def write_synthetic_index(directory: Path, count: int, dim: int, index_type: str
     return {"build_seconds": info.last_run["build_seconds"]}
 
 
-def _resident_mb() -> float:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def resident_mb() -> dict[str, float]:
+    """This process's resident memory in MiB: anonymous (its own) and file-backed (mapped files)."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    return {kind: int(fields[f"Rss{kind.capitalize()}"].split()[0]) / 1024 for kind in ("anon", "file")}
 
 
-def measure_queries(directory: Path, queries: Path) -> dict:
-    """Run in a fresh process: load the index, run each query; memory growth, latency, the top 10s."""
+def measure_queries(directory: Path, queries: Path, faiss_threads: int = 0) -> dict:
+    """Load the index as the server does, run each query; memory growth, latency, the top 10s.
+
+    Run in a fresh process for the memory figures. `faiss_threads` (0: faiss's default) sets the
+    OpenMP threads of faiss for the whole process.
+    """
+    import faiss
+
     from component.retrieval import RetrievalIndex
 
+    if faiss_threads:
+        faiss.omp_set_num_threads(faiss_threads)
+
     query_vectors = np.load(queries)
-    before = _resident_mb()
+    before = resident_mb()
     started = time.perf_counter()
-    index = RetrievalIndex.load(directory)
+    index = RetrievalIndex.load(directory, memory_map=False)  # as the server loads it
     load_ms = (time.perf_counter() - started) * 1000
-    index.search_embedding(query_vectors[0], top_k=10)  # first touch of the mapped file
+    index.search_embedding(query_vectors[0], top_k=10)  # warm-up
     timings, top = [], []
     for query in query_vectors:
         started = time.perf_counter()
@@ -202,28 +217,32 @@ def measure_queries(directory: Path, queries: Path) -> dict:
         timings.append(time.perf_counter() - started)
         top.append([result.filename for result in results])
     return {
+        "faiss_threads": faiss.omp_get_max_threads(),
         "load_ms": round(load_ms, 1),
         "latency_ms_median": round(statistics.median(timings) * 1000, 3),
         "latency_ms_p95": round(float(np.percentile(timings, 95)) * 1000, 3),
-        "resident_mb_growth": round(_resident_mb() - before, 1),
+        "resident_mb_growth": {kind: round(mb - before[kind], 1) for kind, mb in resident_mb().items()},
         "top_10": top,
     }
 
 
-def measure_in_subprocess(directory: Path, queries: Path) -> dict:
+def measure_in_subprocess(directory: Path, queries: Path, faiss_threads: int) -> dict:
     """`measure_queries` in a fresh process, so that its memory growth is the index's alone."""
     command = [sys.executable, __file__, "--measure", str(directory), str(queries)]
+    command += ["--faiss_threads", str(faiss_threads)]
     return json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
 
 
-def query_latency(workdir: Path, counts: tuple[int, ...], dim: int, queries: int, quick: bool) -> list[dict]:
+def query_latency(
+    workdir: Path, counts: tuple[int, ...], dim: int, queries: int, quick: bool, faiss_threads: int
+) -> list[dict]:
     """Per vector count and index type: build seconds, latency, memory, size on disk, IVF recall@10.
 
     Quick mode measures in this process (its memory figures then mean little), skipping the
     start of a process that imports torch and transformers.
     """
     query_file = workdir / "queries.npy"
-    np.save(query_file, clustered_unit_vectors(queries, dim, seed=987_654_321))
+    np.save(query_file, clustered_unit_vectors(queries, dim, seed=987_654_321, noise=2.0))
     rows = []
     for count in counts:
         exact_top = None
@@ -231,7 +250,8 @@ def query_latency(workdir: Path, counts: tuple[int, ...], dim: int, queries: int
             directory = workdir / f"vectors_{count}_{dim}_{index_type}"
             row = {"vectors": count, "dim": dim, "index_type": index_type}
             row.update(write_synthetic_index(directory, count, dim, index_type))
-            measured = (measure_queries if quick else measure_in_subprocess)(directory, query_file)
+            measure = measure_queries if quick else measure_in_subprocess
+            measured = measure(directory, query_file, faiss_threads)
             top = measured.pop("top_10")
             row.update(measured)
             if index_type == "exact":
@@ -256,7 +276,7 @@ def per_million(rows: list[dict]) -> dict:
         if row["vectors"] == largest:
             scale = 1_000_000 / largest
             figures[row["index_type"]] = {
-                "resident_mb": round(row["resident_mb_growth"] * scale),
+                "resident_mb": {kind: round(mb * scale) for kind, mb in row["resident_mb_growth"].items()},
                 "disk_mb": {kind: round(size * scale) for kind, size in row["disk_mb"].items()},
             }
     return figures
@@ -289,7 +309,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--quick", action="store_true", help="tiny model, 12 images, 10k vectors: a smoke run"
     )
-    parser.add_argument("--images", type=int, default=96, help="photos indexed (full mode)")
+    parser.add_argument(
+        "--images", type=int, default=96, help="photos indexed (full mode; 0: no indexing figures)"
+    )
+    parser.add_argument(
+        "--faiss_threads", type=int, default=0, help="OpenMP threads for faiss queries (0: its default)"
+    )
     parser.add_argument("--queries", type=int, default=100, help="queries per vector index")
     parser.add_argument(
         "--workdir", default=str(REPO / "output" / "bench_retrieval"), help="models, photos, indexes"
@@ -302,14 +327,16 @@ def main(argv: list[str] | None = None) -> int:
     """Index photos, then time queries on synthetic indexes; print one JSON object."""
     args = parse_args(argv)
     if args.measure:
-        print(json.dumps(measure_queries(Path(args.measure[0]), Path(args.measure[1]))))
+        print(json.dumps(measure_queries(Path(args.measure[0]), Path(args.measure[1]), args.faiss_threads)))
         return 0
     import torch
 
     workdir = Path(args.workdir) / ("quick" if args.quick else "full")
     model = write_model(workdir, args.quick)
     photos = make_photos(workdir / "photos", 12 if args.quick else args.images, (640, 480))
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+    if not (args.quick or args.images):
+        devices = []  # no indexing figures
     figures: dict[str, object] = {
         "machine": machine(),
         "quick": args.quick,
@@ -323,7 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     figures["text_query_encoding_ms_cpu"] = measure_text_encoding(model, 5 if args.quick else 30)
     counts, dim = (QUICK_VECTOR_COUNTS, 64) if args.quick else (FULL_VECTOR_COUNTS, 512)
-    rows = query_latency(workdir, counts, dim, 20 if args.quick else args.queries, args.quick)
+    rows = query_latency(
+        workdir, counts, dim, 20 if args.quick else args.queries, args.quick, args.faiss_threads
+    )
     figures["query_latency"] = rows
     figures["per_million_vectors"] = per_million(rows)
     figures["load_average_after"] = round(os.getloadavg()[0], 2)

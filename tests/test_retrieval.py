@@ -290,6 +290,14 @@ def test_csv_index_keeps_each_images_first_text(capsys, tmp_path, tiny_checkpoin
     assert texts == {"a.png": "一只猫", "more/f.png": "红色的汽车"}
 
 
+def test_float32_storage_keeps_the_encoded_values(tmp_path, tiny_checkpoint, collection):
+    run_index(tiny_checkpoint, collection, tmp_path / "index", "--dtype", "float32")
+    filenames, embeddings = stored(tmp_path / "index")
+    model, processor = load_model_and_processor(tiny_checkpoint, "cpu")
+    expected = encode_images(model, processor, [collection / name for name in filenames]).numpy()
+    np.testing.assert_allclose(embeddings, expected, atol=1e-6)  # float16 storage differs by up to 1e-3
+
+
 def test_approximate_index_on_a_small_set_ranks_like_the_exact_one(
     capsys, tmp_path, tiny_checkpoint, built_index
 ):
@@ -327,6 +335,7 @@ def test_interrupted_update_leaves_the_previous_index_whole(
     ("argv", "message"),
     [
         (["search", "--index", "{tmp}/none", "--text", "猫"], "not a retrieval index"),
+        (["serve", "--index", "{tmp}/none"], "not a retrieval index"),
         (["search", "--index", "{index}", "--image", "{tmp}/none.png"], "no such image file"),
         (["search", "--index", "{index}", "--text", "  "], "the query text is empty"),
         (
