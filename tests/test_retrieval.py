@@ -425,6 +425,19 @@ def test_only_indexed_images_inside_the_folder_are_served(server, collection, pa
         assert status == 404 and "not an indexed image" in json.loads(body)["error"]
 
 
+def test_a_symbolic_link_out_of_the_folder_is_indexed_but_not_served(tmp_path, tiny_checkpoint):
+    draw_images(tmp_path, ["images/inside.png", "secret.png"])
+    (tmp_path / "images" / "link.png").symlink_to(tmp_path / "secret.png")
+    run_index(tiny_checkpoint, tmp_path / "images", tmp_path / "index")
+    server = RetrievalServer(RetrievalIndex.load(tmp_path / "index"), "127.0.0.1", 0, log_requests=False)
+    try:
+        assert sorted(server.filenames) == ["inside.png", "link.png"]
+        assert server.indexed_file("inside.png") == (tmp_path / "images" / "inside.png").resolve()
+        assert server.indexed_file("link.png") is None
+    finally:
+        server.server_close()
+
+
 @pytest.mark.parametrize(
     ("path", "body", "status"),
     [
