@@ -181,6 +181,7 @@ def lit_cache_part(
             num_train_epochs=LIT_EPOCHS,
             cache_image_features=cached,
             dataloader_num_workers=workers,
+            dataloader_persistent_workers=workers > 0,  # as train_args/train_clip.json
         )
         runs[name] = run_project(settings, warmup_steps=steps_per_epoch)  # times epochs 2-5
     uncached, cached = runs["uncached"], runs["cached"]
@@ -194,7 +195,7 @@ def lit_cache_part(
         "uncached": uncached,
         "cached": cached,
         "cached_over_uncached_wall": round(cached["wall_s"] / uncached["wall_s"], 3),
-        "train_loss_relative_difference": round(loss_difference, 5),
+        "train_loss_relative_difference": float(f"{loss_difference:.3g}"),
     }
 
 
