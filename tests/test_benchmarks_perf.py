@@ -5,8 +5,10 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 
 from benchmarks import bench_input, bench_train
+from benchmarks._machine import torch_threads
 from benchmarks._photos import benchmark_photos, caption, make_photos
 from benchmarks._towers import QUICK_TOWERS, VIT_B16_BERT_BASE, training_flops_per_sample
 
@@ -17,10 +19,8 @@ RUN_KEYS = {"wall_s", "train_runtime_s", "samples_per_s", "train_loss"}
 @pytest.fixture
 def one_thread():
     """Tiny models run fastest on one thread, and do not stall when other work shares the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +30,10 @@ def photo_root(tmp_path_factory):
 
 def test_photos_are_distinct_jpegs_within_the_sides_and_reused(tmp_path):
     photos = make_photos(tmp_path, 6, sides=(100, 140), synthetic=True, workers=2)
-    contents = {photo.read_bytes() for photo in photos}
-    assert len(contents) == 6
+    assert len({photo.read_bytes() for photo in photos}) == 6
+    for photo in photos:
+        with Image.open(photo) as image:
+            assert image.format == "JPEG" and all(100 <= side <= 140 for side in image.size)
     stamps = [photo.stat().st_mtime_ns for photo in photos]
     assert make_photos(tmp_path, 6, sides=(100, 140), synthetic=True) == photos
     assert [photo.stat().st_mtime_ns for photo in photos] == stamps  # not written again
