@@ -114,10 +114,11 @@ class ImageTransform:
     def to_pixel_values(self, arrays: list[np.ndarray] | torch.Tensor) -> torch.Tensor:
         """Normalise uint8 images [batch, height, width, 3] to pixel values [batch, 3, height, width]."""
         batch = arrays if isinstance(arrays, torch.Tensor) else torch.from_numpy(np.stack(arrays))
-        batch = batch.permute(0, 3, 1, 2).float().div_(255.0)
-        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
-        std = torch.tensor(self.std).view(1, 3, 1, 1)
-        return batch.sub_(mean).div_(std)
+        # One copy into contiguous float NCHW, then one fused multiply-add: (x / 255 - mean) / std.
+        pixels = batch.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
+        std = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1)
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        return torch.addcmul(-mean / std, pixels, 1.0 / (255.0 * std))
 
 
 def preprocess_images(processor, images: list[Image.Image]) -> torch.Tensor:

@@ -1,8 +1,10 @@
 """One training run, step by step: build, load data, lock towers, train, evaluate, save."""
 
 import logging
+import os
 from pathlib import Path
 
+import torch
 from transformers import TrainingArguments, set_seed
 
 from component.argument import DataArguments, ModelArguments, TowerArguments
@@ -24,6 +26,14 @@ from component.trainer import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+def share_cpu_with_workers(training_args: TrainingArguments) -> None:
+    """On a CPU run, leave the DataLoader workers their cores: torch's default takes them all."""
+    if training_args.device.type != "cpu" or "OMP_NUM_THREADS" in os.environ:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(max(1, cores - training_args.dataloader_num_workers))
 
 
 def build_model_and_processor(model_args: ModelArguments):
@@ -64,10 +74,17 @@ def cache_image_features(model, train_dataset, test_dataset, training_args: Trai
             if dataset is None:
                 cached.append(None)
                 continue
+            batch_size = max(
+                training_args.per_device_eval_batch_size, training_args.per_device_train_batch_size
+            )
             features, valid = load_or_build_cache(
-                model, dataset, cache_dir, training_args.per_device_eval_batch_size,
-                training_args.dataloader_num_workers, training_args.device,
-            )  # fmt: skip
+                model,
+                dataset,
+                cache_dir,
+                batch_size,
+                training_args.dataloader_num_workers,
+                training_args.device,
+            )
             cached.append(CachedImageTextDataset(dataset.rows, features, valid))
     return tuple(cached)
 
@@ -90,6 +107,7 @@ def run_training(
     """Train, evaluate and save; re-running the same arguments resumes from the newest complete checkpoint."""
     # 1. Model, processor and data; seeded first so that new weights (the text projection) repeat.
     set_seed(training_args.seed)
+    share_cpu_with_workers(training_args)
     model, processor = build_model_and_processor(model_args)
     transform = ImageTransform.from_processor(processor)
     train_dataset, test_dataset = build_datasets(data_args, transform)

@@ -1,0 +1,35 @@
+"""The fast image path gives the same pixels as transformers' own image processor."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import CLIPImageProcessorPil
+
+from component.processor import ImageTransform, load_processor, preprocess_images
+
+
+@pytest.mark.parametrize("size", [(50, 40), (41, 97), (30, 30), (300, 200), (31, 45)])
+def test_matches_the_clip_image_processor(tiny_checkpoint, size):
+    image_processor = load_processor(tiny_checkpoint).image_processor
+    rng = np.random.default_rng(sum(size))
+    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    expected = image_processor(images=[image], return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(preprocess_images(image_processor, [image]), expected, atol=1e-5, rtol=0)
+
+
+def test_matches_a_squashing_processor_without_crop():
+    image_processor = CLIPImageProcessorPil(size={"height": 30, "width": 30}, do_center_crop=False)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (80, 50, 3), dtype=np.uint8))
+    expected = image_processor(images=[image], return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(preprocess_images(image_processor, [image]), expected, atol=1e-5, rtol=0)
+    assert ImageTransform.from_processor(image_processor).output_size == (30, 30)
+
+
+def test_exif_orientation_is_applied(tiny_checkpoint, tmp_path):
+    image = Image.new("RGB", (60, 30), "red")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise when displayed
+    image.save(tmp_path / "rotated.jpg", exif=exif)
+    transform = ImageTransform.from_processor(load_processor(tiny_checkpoint))
+    assert transform.load(tmp_path / "rotated.jpg").size == (30, 60)
