@@ -18,11 +18,11 @@ from typing import Literal
 
 import torch
 
+from component.cli import list_images, pick_device, positive_int
 from component.encoding import (
     ZERO_SHOT_TEMPLATES,
     InputError,
     class_embeddings,
-    default_device,
     encode_images,
     encode_texts,
     load_model_and_processor,
@@ -33,15 +33,6 @@ from component.interop import CheckpointError
 
 Mode = Literal["image-text", "text-text", "image-image"]
 MODES: tuple[Mode, ...] = ("image-text", "text-text", "image-image")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-
-
-def positive_int(value: str) -> int:
-    """argparse type: an integer of at least 1."""
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return number
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -103,16 +94,6 @@ def read_texts_file(path: Path) -> list[str]:
     return texts
 
 
-def list_images(directory: Path) -> list[Path]:
-    """Image files (by suffix) under a directory and its subdirectories, sorted."""
-    if not directory.is_dir():
-        raise InputError(f"{directory}: no such directory")
-    images = sorted(path for path in directory.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES)
-    if not images:
-        raise InputError(f"{directory}: no image files ({', '.join(IMAGE_SUFFIXES)})")
-    return images
-
-
 def gather_inputs(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """All texts and image paths from the command line, files and directories included."""
     texts = list(args.texts) + (read_texts_file(args.texts_file) if args.texts_file else [])
@@ -147,13 +128,6 @@ def choose_mode(requested: Mode | None, texts: list[str], images: list[str], lab
     if requested == "image-image" and (texts or len(images) < 2):
         raise InputError("image-image mode needs at least 2 images and no texts")
     return requested
-
-
-def pick_device(requested: str | None) -> torch.device:
-    """The device asked for, after checking it exists, or the default."""
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked for, but no CUDA device is available")
-    return torch.device(requested) if requested else default_device()
 
 
 @dataclass

@@ -16,6 +16,7 @@ import json
 import sys
 from pathlib import Path
 
+from component.cli import pick_device, positive_int
 from component.encoding import InputError
 from component.interop import CheckpointError
 from component.retrieval import (
@@ -28,7 +29,6 @@ from component.retrieval import (
     results_document,
 )
 from component.retrieval_server import serve
-from predict_similarity import pick_device, positive_int
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

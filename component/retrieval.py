@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from component.cli import list_images
 from component.dataset import read_image_text_csv
 from component.encoding import ImageInput, InputError, encode_images, encode_texts, load_model_and_processor
 from component.processor import ImageTransform
@@ -38,7 +39,6 @@ IndexType = Literal["exact", "approximate", "auto"]
 EmbeddingDtype = Literal["float16", "float32"]
 INDEX_TYPES: tuple[IndexType, ...] = ("exact", "approximate", "auto")
 EMBEDDING_DTYPES: tuple[EmbeddingDtype, ...] = ("float16", "float32")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 EXACT_INDEX_LIMIT = 2_000_000  # "auto" builds an exact index up to this many vectors, an IVF one above
 IVF_PROBED_LISTS = 64  # IVF lists searched per query; see docs/retrieval.md for the recall it gives
 IVF_TRAINING_POINTS_PER_LIST = 32
@@ -61,12 +61,7 @@ class ImageSource:
 def images_in_directory(directory: str | Path) -> ImageSource:
     """Every image file (by suffix) under `directory` and its subdirectories, sorted."""
     root = Path(directory).absolute()
-    if not root.is_dir():
-        raise InputError(f"{directory}: no such directory")
-    paths = sorted(path for path in root.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES)
-    if not paths:
-        raise InputError(f"{directory}: no image files ({', '.join(IMAGE_SUFFIXES)})")
-    return ImageSource(root, [path.relative_to(root).as_posix() for path in paths])
+    return ImageSource(root, [path.relative_to(root).as_posix() for path in list_images(root)])
 
 
 def images_in_csv(csv_path: str | Path, image_path: str | Path) -> ImageSource:

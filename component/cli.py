@@ -1,0 +1,36 @@
+"""Small pieces the command-line scripts share: argument types, device choice, image listing."""
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from component.encoding import InputError, default_device
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def positive_int(value: str) -> int:
+    """argparse type: an integer of at least 1."""
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return number
+
+
+def pick_device(requested: str | None) -> torch.device:
+    """The device asked for, after checking it exists, or the default."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for, but no CUDA device is available")
+    return torch.device(requested) if requested else default_device()
+
+
+def list_images(directory: str | Path) -> list[Path]:
+    """Image files (by suffix) under a directory and its subdirectories, sorted."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise InputError(f"{directory}: no such directory")
+    images = sorted(path for path in directory.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise InputError(f"{directory}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+    return images
