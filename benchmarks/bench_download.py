@@ -248,14 +248,10 @@ def resize_quality(paths: list[Path]) -> float:
 
 def machine() -> dict[str, object]:
     """The CPU model, core count, and versions that the figures depend on."""
-    model = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+    from benchmarks._machine import cpu_model
+
     return {
-        "cpu": model,
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "pillow": Image.__version__,

@@ -16,7 +16,6 @@ recall@10 against the exact one.
 """
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -287,14 +286,10 @@ def machine() -> dict[str, object]:
     import faiss
     import torch
 
-    model = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+    from benchmarks._machine import cpu_model
+
     return {
-        "cpu": model,
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "python": platform.python_version(),
