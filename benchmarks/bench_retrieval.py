@@ -40,9 +40,7 @@ def write_model(directory: Path, quick: bool) -> Path:
     import torch
     from transformers import BertConfig, BertModel, CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
-    from component.model import BertCLIPModel
-    from component.processor import build_processor
-    from component.tiny import write_chinese_tokenizer, write_tiny_bert, write_tiny_clip
+    from component.tiny import write_bert_clip, write_chinese_tokenizer, write_tiny_bert, write_tiny_clip
 
     if (directory / "model" / "config.json").is_file():
         return directory / "model"
@@ -62,10 +60,7 @@ def write_model(directory: Path, quick: bool) -> Path:
         ).save_pretrained(clip)
         tokenizer = write_chinese_tokenizer(bert)
         BertModel(BertConfig(vocab_size=len(tokenizer), max_position_embeddings=512)).save_pretrained(bert)
-    model = BertCLIPModel.from_vision_text_pretrained(str(clip), str(bert))
-    model.save_pretrained(directory / "model")
-    build_processor(clip, bert).save_pretrained(directory / "model")
-    return directory / "model"
+    return write_bert_clip(directory / "model", clip, bert)
 
 
 def make_photos(directory: Path, count: int, size: tuple[int, int], seed: int = 0) -> Path:

@@ -96,3 +96,15 @@ def write_tiny_clip(
         crop_size={"height": image_size, "width": image_size},
     ).save_pretrained(str(directory))
     return directory
+
+
+def write_bert_clip(directory: str | Path, clip_path: str | Path, bert_path: str | Path) -> Path:
+    """A BertCLIP checkpoint started from two tower checkpoints, saved with its processor."""
+    from component.model import BertCLIPModel
+    from component.processor import build_processor
+
+    directory = Path(directory)
+    model = BertCLIPModel.from_vision_text_pretrained(str(clip_path), str(bert_path))
+    model.save_pretrained(directory)
+    build_processor(clip_path, bert_path).save_pretrained(directory)
+    return directory

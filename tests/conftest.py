@@ -10,8 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from component.model import BertCLIPModel
-from component.processor import build_processor
-from component.tiny import write_tiny_bert, write_tiny_clip
+from component.tiny import write_bert_clip, write_tiny_bert, write_tiny_clip
 
 
 @pytest.fixture(scope="session")
@@ -25,12 +24,8 @@ def tiny_towers(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tiny_towers, tmp_path_factory) -> Path:
     """A saved BertCLIP model plus processor directory (text_pooling 'cls', projection 16)."""
-    directory = tmp_path_factory.mktemp("bert_clip")
     torch.manual_seed(0)
-    model = BertCLIPModel.from_vision_text_pretrained(str(tiny_towers["clip"]), str(tiny_towers["bert"]))
-    model.save_pretrained(directory)
-    build_processor(tiny_towers["clip"], tiny_towers["bert"]).save_pretrained(directory)
-    return directory
+    return write_bert_clip(tmp_path_factory.mktemp("bert_clip"), tiny_towers["clip"], tiny_towers["bert"])
 
 
 @pytest.fixture

@@ -20,10 +20,9 @@ from benchmarks import bench_retrieval
 from component import retrieval as retrieval_component
 from component import retrieval_server
 from component.encoding import encode_images, encode_texts, load_model_and_processor
-from component.model import BertCLIPModel
-from component.processor import build_processor
 from component.retrieval import RetrievalIndex, read_info
 from component.retrieval_server import RetrievalServer
+from component.tiny import write_bert_clip
 
 QUERIES = ["一只猫", "红色的汽车停在路边", "蓝天白云"]
 
@@ -64,12 +63,10 @@ def built_index(tiny_checkpoint, collection, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def other_checkpoint(tiny_towers, tmp_path_factory) -> Path:
     """Another BertCLIP model from the same towers (different random projections)."""
-    directory = tmp_path_factory.mktemp("other_bert_clip")
     torch.manual_seed(1)
-    model = BertCLIPModel.from_vision_text_pretrained(str(tiny_towers["clip"]), str(tiny_towers["bert"]))
-    model.save_pretrained(directory)
-    build_processor(tiny_towers["clip"], tiny_towers["bert"]).save_pretrained(directory)
-    return directory
+    return write_bert_clip(
+        tmp_path_factory.mktemp("other_bert_clip"), tiny_towers["clip"], tiny_towers["bert"]
+    )
 
 
 def index_argv(checkpoint: Path, output: Path, *options) -> list[str]:
