@@ -99,6 +99,7 @@ class ImageTextDataset(Dataset):
         self.image_path = Path(image_path)
         self.transform = transform
         self.draft = draft
+        self.replacement_stride = coprime_stride(len(rows))
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -109,7 +110,7 @@ class ImageTextDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         bad_images = []
-        stride = coprime_stride(len(self))
+        stride = self.replacement_stride
         candidate = index
         for _ in range(min(len(self), 100)):
             try:

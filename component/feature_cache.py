@@ -123,13 +123,14 @@ class CachedImageTextDataset(Dataset):
         self.rows = rows
         self.features = features
         self.valid = valid
+        self.replacement_stride = coprime_stride(len(rows))
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, index: int) -> dict:
         # The same replacement rule as ImageTextDataset, so cached and uncached runs see the same pairs.
-        bad_images, candidate, stride = [], index, coprime_stride(len(self))
+        bad_images, candidate, stride = [], index, self.replacement_stride
         while not self.valid[candidate]:
             bad_images.append(f"{self.rows.filenames[candidate]}: failed to load when caching features")
             candidate = (candidate + stride) % len(self)

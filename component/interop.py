@@ -93,7 +93,7 @@ def load_checkpoint_config(path: str | Path) -> BertCLIPConfig:
     return config_from_dict(config_dict, source)
 
 
-def report_loading_info(class_name: str, path, info: dict, config: BertCLIPConfig) -> None:
+def report_loading_info(name: str, path, info: dict) -> None:
     """Warn about weights the checkpoint lacked or held in excess; refuse wrong shapes."""
     mismatched = info.get("mismatched_keys") or []
     if mismatched:
@@ -101,7 +101,7 @@ def report_loading_info(class_name: str, path, info: dict, config: BertCLIPConfi
     for kind in ("missing_keys", "unexpected_keys"):
         keys = sorted(info.get(kind) or [])
         if keys:
-            logger.warning(f"{class_name} from {path}: {kind.replace('_', ' ')}: {keys}")
+            logger.warning(f"{name} from {path}: {kind.replace('_', ' ')}: {keys}")
 
 
 def to_chinese_clip(model) -> ChineseCLIPModel:

@@ -12,6 +12,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput, logging
 
 from component.configuration import BertCLIPConfig
+from component.interop import report_loading_info
 from component.loss import contrastive_loss
 
 logger = logging.get_logger(__name__)
@@ -72,7 +73,7 @@ class BertCLIPPreTrainedModel(PreTrainedModel):
         Missing and unexpected weights are logged as warnings; pass `output_loading_info=True`
         to also get them back as a dict.
         """
-        from component.interop import load_checkpoint_config, report_loading_info
+        from component.interop import load_checkpoint_config
 
         want_info = kwargs.pop("output_loading_info", False)
         if kwargs.get("config") is None:
@@ -83,7 +84,7 @@ class BertCLIPPreTrainedModel(PreTrainedModel):
         model, info = super().from_pretrained(
             pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
         )
-        report_loading_info(cls.__name__, pretrained_model_name_or_path, info, model.config)
+        report_loading_info(cls.__name__, pretrained_model_name_or_path, info)
         return (model, info) if want_info else model
 
 
@@ -173,7 +174,7 @@ class BertCLIPModel(BertCLIPPreTrainedModel):
         """
         clip = CLIPModel.from_pretrained(clip_path)
         bert, bert_info = BertModel.from_pretrained(bert_path, output_loading_info=True)
-        report_tower_info("BERT", bert_path, bert_info)
+        report_loading_info("BERT tower", bert_path, bert_info)
         settings = {
             "projection_dim": clip.config.projection_dim,
             "logit_scale_init_value": float(clip.logit_scale.item()),
@@ -256,11 +257,3 @@ class BertCLIPTextModel(BertCLIPPreTrainedModel):
             last_hidden_state=text_outputs.last_hidden_state,
             pooler_output=text_outputs.pooler_output,
         )
-
-
-def report_tower_info(name: str, path, info: dict) -> None:
-    """Log weights a tower checkpoint lacked or had in excess."""
-    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
-        keys = sorted(info.get(kind) or [])
-        if keys:
-            logger.warning(f"{name} tower from {path}: {kind.replace('_', ' ')}: {keys}")
