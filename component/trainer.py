@@ -61,12 +61,17 @@ class CLIPTrainer(Trainer):
         # The contrastive loss is a mean over the batch; let the Trainer scale it for accumulation.
         self.model_accepts_loss_kwargs = False
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def _model_inputs(self, inputs: dict, training: bool) -> tuple[dict, torch.Tensor | None]:
+        """The batch without the collator's bookkeeping, and the sample indices; counts bad images."""
         inputs = dict(inputs)
         bad_images = inputs.pop("bad_images", [])
-        inputs.pop("sample_index", None)
-        if model.training:
+        sample_index = inputs.pop("sample_index", None)
+        if training:
             self.bad_image_tracker.update(len(inputs["input_ids"]), bad_images)
+        return inputs, sample_index
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs, _ = self._model_inputs(inputs, training=model.training)
         outputs = model(**inputs, return_loss=True)
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
@@ -94,8 +99,7 @@ class CLIPTrainer(Trainer):
 
     def _gradient_cached_step(self, model, inputs) -> torch.Tensor:
         model.train()
-        inputs = self._prepare_inputs(inputs)
-        self.bad_image_tracker.update(len(inputs["input_ids"]), inputs.pop("bad_images", []))
+        inputs, _ = self._model_inputs(self._prepare_inputs(inputs), training=True)
         micro_batches = split_batch(inputs, self.tower_args.contrastive_accumulation_steps)
         no_sync = getattr(model, "no_sync", None)
         return gradient_cached_backward(
@@ -112,9 +116,9 @@ class CLIPTrainer(Trainer):
         # DDP only synchronises parameters that were trainable when it wrapped the model; an image
         # tower unlocked later is averaged here. Averaging already-equal gradients changes nothing,
         # so this is also right for gradients DDP has synchronised.
-        unwrapped = self.accelerator.unwrap_model(self.model)
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return
+        unwrapped = self.accelerator.unwrap_model(self.model)
         if self.tower_args.unlock_vision_at is None or not unwrapped.visual_projection.weight.requires_grad:
             return
         for parameter in (*unwrapped.vision_model.parameters(), unwrapped.visual_projection.weight):
@@ -135,9 +139,7 @@ class CLIPTrainer(Trainer):
         for batch in tqdm(
             dataloader, desc="evaluating", disable=not self.is_world_process_zero(), leave=False
         ):
-            batch = self._prepare_inputs(batch)
-            batch.pop("bad_images", None)
-            sample_index = batch.pop("sample_index")
+            batch, sample_index = self._model_inputs(self._prepare_inputs(batch), training=False)
             with self.accelerator.autocast():
                 outputs = model(**batch, return_loss=True)
             totals["loss"] += outputs.loss.item() * len(sample_index)
