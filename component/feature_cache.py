@@ -6,9 +6,7 @@ tower's weights, the preprocessing and the image list, so a changed model or CSV
 """
 
 import hashlib
-import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from component.atomic import atomic_file, write_json_atomic
 from component.dataset import ImageTextDataset, ImageTextRows, coprime_stride
 
 logger = logging.getLogger(__name__)
@@ -82,15 +81,6 @@ def compute_image_features(model, dataset: ImageTextDataset, batch_size: int, nu
     return features, valid
 
 
-def _save_atomic(path: Path, array: np.ndarray) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "wb") as file:
-        np.save(file, array)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
-
-
 def load_or_build_cache(model, dataset: ImageTextDataset, cache_dir: str | Path, batch_size: int,
                         num_workers: int, device) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """The cached features and valid mask for `dataset`, computed on first use."""
@@ -101,13 +91,12 @@ def load_or_build_cache(model, dataset: ImageTextDataset, cache_dir: str | Path,
     if not meta_path.is_file():  # the metadata is written last: its presence marks a complete cache
         cache_dir.mkdir(parents=True, exist_ok=True)
         features, valid = compute_image_features(model, dataset, batch_size, num_workers, device)
-        _save_atomic(features_path, features)
-        _save_atomic(valid_path, valid)
+        for path, array in ((features_path, features), (valid_path, valid)):
+            with atomic_file(path) as file:
+                np.save(file, array)
         meta = {"rows": len(dataset), "dim": features.shape[1], "bad_rows": int((~valid).sum()),
                 "source": dataset.rows.source}  # fmt: skip
-        temporary = meta_path.with_name(f".{meta_path.name}.tmp")
-        temporary.write_text(json.dumps(meta, ensure_ascii=False))
-        os.replace(temporary, meta_path)
+        write_json_atomic(meta_path, meta)
         logger.info(f"cached {len(dataset)} image features in {features_path}")
     else:
         logger.info(f"reusing cached image features {features_path}")

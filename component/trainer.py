@@ -1,9 +1,7 @@
 """The Hugging Face Trainer, taught contrastive loss, retrieval evaluation and tower unlocking."""
 
-import json
 import logging
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -12,6 +10,7 @@ from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from component.atomic import write_json_atomic
 from component.freezing import parameter_groups, unlock_vision_tower
 from component.grad_cache import gradient_cached_backward, split_batch
 from component.loss import MAX_LOGIT_SCALE
@@ -249,16 +248,6 @@ class CheckpointMarkerCallback(TrainerCallback):
         directory = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if directory.is_dir():
             write_json_atomic(directory / CHECKPOINT_MARKER, {"global_step": state.global_step})
-
-
-def write_json_atomic(path: Path, data) -> None:
-    """Write JSON to a temporary file, flush it to disk, then rename it into place."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "w", encoding="utf-8") as file:
-        json.dump(data, file, ensure_ascii=False, indent=2)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
 
 
 def newest_complete_checkpoint(output_dir: str | Path) -> str | None:
