@@ -12,7 +12,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput, logging
 
 from component.configuration import BertCLIPConfig
-from component.interop import report_loading_info
+from component.interop import read_config_dict, report_loading_info
 from component.loss import contrastive_loss
 
 logger = logging.get_logger(__name__)
@@ -172,6 +172,8 @@ class BertCLIPModel(BertCLIPPreTrainedModel):
         The vision tower, `visual_projection` and `logit_scale` come from `clip_path`; the text
         tower from `bert_path`; `text_projection` is new. `config_overrides` go to `BertCLIPConfig`.
         """
+        for path in (clip_path, bert_path):
+            read_config_dict(path)  # a missing or mistyped path fails here, with its name
         clip = CLIPModel.from_pretrained(clip_path)
         bert, bert_info = BertModel.from_pretrained(bert_path, output_loading_info=True)
         report_loading_info("BERT tower", bert_path, bert_info)

@@ -180,3 +180,8 @@ def test_tokenizer_larger_than_text_tower_is_refused(tiny_model, tiny_checkpoint
     tiny_model.config.text_config.vocab_size = len(tokenizer) - 10
     with pytest.raises(ValueError, match=r"vocab_size"):
         check_tokenizer_fits(tokenizer, tiny_model, tiny_checkpoint)
+
+
+def test_missing_tower_directory_is_named(tiny_towers, tmp_path):
+    with pytest.raises(CheckpointError, match=r"clipx: no such directory"):
+        BertCLIPModel.from_vision_text_pretrained(str(tmp_path / "clipx"), str(tiny_towers["bert"]))
