@@ -84,6 +84,10 @@ def coprime_stride(n: int) -> int:
     return stride
 
 
+class BadImageError(RuntimeError):
+    """Too many images failed to load for the run to be trustworthy."""
+
+
 class ImageTextDataset(Dataset):
     """Raw samples: the caption, the image as a resized uint8 array, and bookkeeping.
 
@@ -112,7 +116,8 @@ class ImageTextDataset(Dataset):
         bad_images = []
         stride = self.replacement_stride
         candidate = index
-        for _ in range(min(len(self), 100)):
+        tries = min(len(self), 100)
+        for _ in range(tries):
             try:
                 image = self.load_image(candidate)
                 break
@@ -120,7 +125,9 @@ class ImageTextDataset(Dataset):
                 bad_images.append(f"{self.rows.filenames[candidate]}: {type(error).__name__}: {error}")
                 candidate = (candidate + stride) % len(self)
         else:
-            raise RuntimeError(f"{self.image_path}: 100 images in a row failed to load; is image_path right?")
+            raise BadImageError(
+                f"{self.image_path}: {tries} images in a row failed to load; is image_path right?"
+            )
         return {
             "text": self.rows.texts[candidate],
             "image": image,

@@ -11,6 +11,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from component.atomic import write_json_atomic
+from component.dataset import BadImageError
 from component.freezing import parameter_groups, unlock_vision_tower
 from component.grad_cache import gradient_cached_backward, split_batch
 from component.loss import MAX_LOGIT_SCALE
@@ -19,10 +20,6 @@ from component.metrics import retrieval_metrics
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_MARKER = "checkpoint_complete.json"
-
-
-class BadImageError(RuntimeError):
-    """Too many images failed to load for the run to be trustworthy."""
 
 
 class BadImageTracker:

@@ -381,3 +381,11 @@ def test_logit_scale_is_clamped_after_each_step(tiny_model):
         tiny_model.logit_scale.fill_(5.0)
     LogitScaleClampCallback().on_step_end(None, None, None, model=tiny_model)
     assert tiny_model.logit_scale.item() == pytest.approx(4.60517, abs=1e-5)
+
+
+def test_wrong_image_path_stops_with_a_message(tiny_towers, shapes_data, tmp_path, capsys):
+    values = tiny_run_args(tiny_towers, shapes_data, tmp_path / "run", image_path=str(tmp_path / "nowhere"))
+    with pytest.raises(SystemExit) as exit_info:
+        train_clip.main(["--train_args_file", str(write_args(tmp_path / "a.json", **values))])
+    assert exit_info.value.code == 1
+    assert "images in a row failed to load; is image_path right?" in capsys.readouterr().err
