@@ -14,8 +14,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from component.atomic import atomic_file, write_json_atomic
 from component.dataset import ImageTextDataset, ImageTextRows, coprime_stride
+from datatools.atomic import atomic_file, write_json_atomic
 
 logger = logging.getLogger(__name__)
 

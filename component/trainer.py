@@ -10,12 +10,12 @@ from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from component.atomic import write_json_atomic
 from component.dataset import BadImageError
 from component.freezing import parameter_groups, unlock_vision_tower
 from component.grad_cache import gradient_cached_backward, split_batch
 from component.loss import MAX_LOGIT_SCALE
 from component.metrics import retrieval_metrics
+from datatools.atomic import write_json_atomic
 
 logger = logging.getLogger(__name__)
 

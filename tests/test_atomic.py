@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from component.atomic import atomic_file, write_json_atomic
+from datatools.atomic import atomic_file, write_json_atomic
 
 
 def test_failed_write_keeps_the_old_file(tmp_path):
