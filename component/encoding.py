@@ -178,7 +178,7 @@ def encode_images(
     with ThreadPoolExecutor(_IMAGE_LOADING_THREADS) as pool, _evaluating(model, device):
         for batch in _batches(len(images), batch_size, progress, "image"):
             arrays = list(pool.map(lambda index: image_array(transform, images[index]), batch))
-            pixel_values = transform.to_pixel_values(arrays).to(device)  # [batch, 3, height, width]
+            pixel_values = transform.to_pixel_values(arrays, device)  # [batch, 3, height, width]
             chunks.append(model.get_image_features(pixel_values=pixel_values).cpu())
     return _finish(chunks)
 

@@ -72,7 +72,7 @@ def compute_image_features(model, dataset: ImageTextDataset, batch_size: int, nu
     for indices, images, _ in tqdm(loader, desc="caching image features", unit="batch"):
         if not indices:
             continue
-        pixel_values = dataset.transform.to_pixel_values(images).to(device)
+        pixel_values = dataset.transform.to_pixel_values(images, device)
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=use_bf16):
             batch_features = model.get_image_features(pixel_values)
         features[indices] = batch_features.float().cpu().numpy()

@@ -58,10 +58,9 @@ class CLIPTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
 
     def _model_inputs(self, inputs: dict, training: bool) -> tuple[dict, torch.Tensor | None]:
-        """The batch without the collator's bookkeeping, and the sample indices; counts bad images."""
-        inputs = dict(inputs)
-        bad_images = inputs.pop("bad_images", [])
-        sample_index = inputs.pop("sample_index", None)
+        """The model's inputs from a batch already on the device, and the sample indices; counts
+        bad images."""
+        inputs, sample_index, bad_images = self.data_collator.model_inputs(inputs)
         if training:
             self.bad_image_tracker.update(len(inputs["input_ids"]), bad_images)
         return inputs, sample_index

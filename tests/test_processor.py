@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 from transformers import CLIPImageProcessorPil
 
+from component.collator import ImageTextCollator
 from component.processor import ImageTransform, load_processor, preprocess_images
 
 
@@ -24,6 +25,26 @@ def test_matches_a_squashing_processor_without_crop():
     expected = image_processor(images=[image], return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(preprocess_images(image_processor, [image]), expected, atol=1e-5, rtol=0)
     assert ImageTransform.from_processor(image_processor).output_size == (30, 30)
+
+
+def test_collated_uint8_batch_becomes_the_processors_pixel_values(tiny_checkpoint):
+    processor = load_processor(tiny_checkpoint)
+    rng = np.random.default_rng(1)
+    images = [
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((40, 50), (90, 33))
+    ]
+    transform = ImageTransform.from_processor(processor)
+    collator = ImageTextCollator(processor, transform, max_seq_length=8)
+    texts = ["红色", "蓝色的圆"]
+    samples = [{"text": t, "image": transform(im), "index": i, "bad_images": []}
+               for i, (t, im) in enumerate(zip(texts, images, strict=True))]  # fmt: skip
+    batch = collator(samples)
+    assert batch["image_uint8"].dtype == torch.uint8  # a quarter of the bytes of float pixels
+    inputs, sample_index, bad_images = collator.model_inputs(batch)
+    expected = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(inputs["pixel_values"], expected, atol=1e-5, rtol=0)
+    assert set(inputs) == {"input_ids", "token_type_ids", "attention_mask", "pixel_values"}
+    assert sample_index.tolist() == [0, 1] and bad_images == []
 
 
 def test_exif_orientation_is_applied(tiny_checkpoint, tmp_path):

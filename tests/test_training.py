@@ -164,7 +164,8 @@ def test_bad_images_are_replaced_and_batch_keeps_its_size(shapes_data, tiny_chec
     assert samples[1]["index"] != 1 and samples[3]["index"] != 3
     assert dataset[1]["index"] == samples[1]["index"]  # the same replacement every time
     batch = ImageTextCollator(processor, transform, 16)(samples)
-    assert batch["pixel_values"].shape == (4, 3, 30, 30) and batch["input_ids"].shape[0] == 4
+    assert batch["image_uint8"].shape == (4, 30, 30, 3) and batch["image_uint8"].dtype == torch.uint8
+    assert batch["input_ids"].shape[0] == 4
     assert len(batch["bad_images"]) == 2 and "missing.jpg" in " ".join(batch["bad_images"])
     # the caption follows the replacement image, so every pair stays a true pair
     assert samples[1]["text"] == dataset.rows.texts[samples[1]["index"]]
