@@ -15,7 +15,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from component.download import (
+from datatools.download import (
     FAILED_NAME,
     REPORT_NAME,
     DownloadOptions,
@@ -25,7 +25,7 @@ from component.download import (
     plan_downloads,
     read_failed_filenames,
 )
-from component.image_check import InputError, count_csv_rows, iter_csv_rows, read_csv_header
+from datatools.image_check import InputError, count_csv_rows, iter_csv_rows, read_csv_header
 
 REQUIRED_COLUMNS = ("url", "filename")
 DEFAULTS = DownloadOptions()

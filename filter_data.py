@@ -17,7 +17,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from component.image_check import (
+from datatools.image_check import (
     DEFAULT_MAX_ASPECT_RATIO,
     DEFAULT_MAX_PIXELS,
     DEFAULT_MIN_SIDE,

@@ -131,7 +131,7 @@ def make_photos(
 
 
 def _convert_files(paths: list[Path]) -> int:
-    from component.download import to_training_jpeg
+    from datatools.download import to_training_jpeg
 
     return sum(len(to_training_jpeg(path.read_bytes())) for path in paths)
 
@@ -234,7 +234,7 @@ def run_img2dataset(python: str, csv_path: Path, output: Path, workers: int) -> 
 
 def resize_quality(paths: list[Path]) -> float:
     """Mean PSNR (dB) of `to_training_jpeg` against a full decode + Lanczos resize to the same size."""
-    from component.download import to_training_jpeg
+    from datatools.download import to_training_jpeg
 
     scores = []
     for path in paths:

@@ -38,7 +38,7 @@ from urllib3.exceptions import (
 )
 from urllib3.exceptions import HTTPError as Urllib3Error
 
-from component.image_check import (
+from datatools.image_check import (
     DEFAULT_MAX_PIXELS,
     AtomicCsvWriter,
     ImageRoot,

@@ -13,7 +13,7 @@ from PIL import Image
 
 import download_image
 from benchmarks import bench_download
-from component.download import (
+from datatools.download import (
     DownloadOptions,
     HttpPools,
     check_url,
@@ -22,7 +22,7 @@ from component.download import (
     to_training_jpeg,
     write_atomic,
 )
-from component.image_check import RejectedError, safe_image_path
+from datatools.image_check import RejectedError, safe_image_path
 
 FAST = ["--timeout", "0.5", "--deadline", "1.5", "--retries", "2", "--backoff", "0.05", "--threads", "16"]
 SHORT_SIDE = 40

@@ -9,7 +9,7 @@ from _http_server import encode, png_claiming, two_tone
 from PIL import Image
 
 import filter_data
-from component.image_check import check_image
+from datatools.image_check import check_image
 
 JPEG = encode(two_tone((60, 40)), "JPEG")
 IMAGES = {  # filename: (bytes, reason or None)
