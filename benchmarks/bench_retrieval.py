@@ -91,7 +91,8 @@ def measure_indexing(model_path: Path, photos: Path, output: Path, device: str, 
     import shutil
 
     from component.encoding import load_model_and_processor
-    from component.retrieval import RetrievalIndex, images_in_directory, model_fingerprint
+    from component.retrieval import RetrievalIndex, model_fingerprint
+    from component.retrieval_images import images_in_directory
 
     source = images_in_directory(photos)
     warm_up = images_in_directory(photos)
@@ -158,7 +159,8 @@ def write_synthetic_index(directory: Path, count: int, dim: int, index_type: str
     seconds it took to build the faiss index. Reused when it already exists."""
     import pandas as pd
 
-    from component.retrieval import IndexInfo, read_info, write_data_files, write_info
+    from component.retrieval import write_data_files
+    from component.retrieval_store import IndexInfo, read_info, write_info
 
     if read_info(directory) is not None:
         return {"build_seconds": read_info(directory).last_run.get("build_seconds")}

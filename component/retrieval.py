@@ -1,25 +1,14 @@
 """Text-to-image and image-to-image search over an image collection, with a faiss index on disk.
 
-An index directory holds:
-
-    index.json             which model built it (path and fingerprint), the image root, the index
-                           type, the names of the three data files below, and the last run's counts
-    embeddings-<G>.npy     L2-normalised image embeddings [n, dim], float16 or float32, memory-mapped
-    metadata-<G>.csv       one row per embedding: filename (relative to the image root), and text
-                           when the images came from a CSV
-    vectors-<G>.faiss      the faiss index over the same rows
-
-A run writes new data files under a new generation number G and only then replaces index.json
-(a temporary file renamed over it), so an interrupted run leaves the previous index whole.
+Building and updating an index directory, and searching it; `component/retrieval_store.py` says
+what the directory holds and reads and writes its files.
 """
 
 import hashlib
 import json
 import math
 import os
-from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -27,57 +16,32 @@ import faiss
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
-from tqdm.auto import tqdm
 
-from component.cli import list_images
-from component.dataset import read_image_text_csv
 from component.encoding import ImageInput, InputError, encode_images, encode_texts, load_model_and_processor
 from component.processor import ImageTransform
+from component.retrieval_images import ImageSource, encode_image_files
+from component.retrieval_store import (
+    INFO_FILE,
+    ROWS_PER_CHUNK,
+    EmbeddingDtype,
+    IndexInfo,
+    data_file_name,
+    read_data_files,
+    read_info,
+    read_previous_index,
+    read_vectors,
+    remove_stale_files,
+    write_embeddings,
+    write_info,
+    write_metadata,
+    write_vectors,
+)
 
 IndexType = Literal["exact", "approximate", "auto"]
-EmbeddingDtype = Literal["float16", "float32"]
 INDEX_TYPES: tuple[IndexType, ...] = ("exact", "approximate", "auto")
-EMBEDDING_DTYPES: tuple[EmbeddingDtype, ...] = ("float16", "float32")
 EXACT_INDEX_LIMIT = 2_000_000  # "auto" builds an exact index up to this many vectors, an IVF one above
 IVF_PROBED_LISTS = 64  # IVF lists searched per query; see docs/retrieval.md for the recall it gives
 IVF_TRAINING_POINTS_PER_LIST = 32
-FORMAT_VERSION = 1
-INFO_FILE = "index.json"
-DATA_FILE_KINDS = {"embeddings": ".npy", "metadata": ".csv", "vectors": ".faiss"}
-_LOADING_THREADS = 8
-_ROWS_PER_CHUNK = 65_536  # rows copied or added to faiss at once, to bound memory
-
-
-@dataclass
-class ImageSource:
-    """The images to index: filenames relative to `root`, and one text per image from a CSV."""
-
-    root: Path
-    filenames: list[str]
-    texts: list[str] | None = None
-
-
-def images_in_directory(directory: str | Path) -> ImageSource:
-    """Every image file (by suffix) under `directory` and its subdirectories, sorted."""
-    root = Path(directory).absolute()
-    return ImageSource(root, [path.relative_to(root).as_posix() for path in list_images(root)])
-
-
-def images_in_csv(csv_path: str | Path, image_path: str | Path) -> ImageSource:
-    """The distinct filenames of an image-text CSV (columns text and filename, as for training),
-    relative to `image_path`, each with its first caption."""
-    try:
-        rows = read_image_text_csv(csv_path)
-    except (OSError, ValueError) as error:
-        raise InputError(str(error)) from error
-    root = Path(image_path).absolute()
-    if not root.is_dir():
-        raise InputError(f"{image_path}: no such directory")
-    first_texts: dict[str, str] = {}
-    for name, text in zip(rows.filenames.tolist(), rows.texts.tolist(), strict=True):
-        first_texts.setdefault(name, text)
-    return ImageSource(root, list(first_texts), list(first_texts.values()))
 
 
 def model_fingerprint(model: torch.nn.Module, processor) -> str:
@@ -95,146 +59,6 @@ def model_fingerprint(model: torch.nn.Module, processor) -> str:
         sample = values[:: max(1, values.numel() // 1024)][:1024].float().cpu().numpy()
         digest.update(f"{name}{tuple(tensor.shape)}".encode() + sample.tobytes())
     return digest.hexdigest()
-
-
-@dataclass
-class IndexInfo:
-    """What index.json records about an index directory."""
-
-    model_name_or_path: str
-    model_fingerprint: str
-    image_root: str
-    dim: int
-    dtype: EmbeddingDtype
-    index_type: Literal["exact", "approximate"]  # the faiss index in use
-    count: int = 0
-    generation: int = 0
-    files: dict[str, str] = field(default_factory=dict)  # kind ("embeddings", ...) -> file name
-    has_text: bool = False
-    ivf_lists: int = 0  # 0 for the exact index
-    ivf_probed_lists: int = 0
-    last_run: dict = field(default_factory=dict)  # counts and unreadable images of the latest build
-    format_version: int = FORMAT_VERSION
-
-    def path(self, directory: Path, kind: str) -> Path:
-        """Where the data file of `kind` is."""
-        return directory / self.files[kind]
-
-
-def read_info(directory: str | Path) -> IndexInfo | None:
-    """The index.json of `directory`, or None when there is none."""
-    path = Path(directory) / INFO_FILE
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if data.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"format version {data.get('format_version')}, expected {FORMAT_VERSION}")
-        return IndexInfo(**data)
-    except (OSError, ValueError, TypeError) as error:
-        raise InputError(f"{path}: not a usable index description ({error}); rebuild the index") from error
-
-
-def _sync(path: Path) -> None:
-    # Data on disk before index.json names it, so that not even a power cut leaves a half index.
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def write_info(directory: Path, info: IndexInfo) -> None:
-    """Replace index.json atomically: write a temporary file, sync it, rename it over the old one."""
-    temporary = directory / f".{INFO_FILE}.{os.getpid()}.tmp"
-    temporary.write_text(json.dumps(asdict(info), ensure_ascii=False, indent=1), encoding="utf-8")
-    _sync(temporary)
-    os.replace(temporary, directory / INFO_FILE)
-    _sync(directory)
-
-
-def data_file_name(kind: str, generation: int) -> str:
-    """The name of a data file: embeddings-000003.npy, metadata-000003.csv or vectors-000003.faiss."""
-    return f"{kind}-{generation:06d}{DATA_FILE_KINDS[kind]}"
-
-
-def remove_stale_files(directory: Path, info: IndexInfo) -> None:
-    """Delete data files of other generations and temporary files (from this or an interrupted run)."""
-    current = set(info.files.values())
-    for path in directory.iterdir():
-        kind, _, rest = path.name.partition("-")
-        stale_data = kind in DATA_FILE_KINDS and rest[:6].isdigit() and path.name not in current
-        if stale_data or (path.name.startswith(".") and path.name.endswith(".tmp")):
-            path.unlink(missing_ok=True)
-
-
-# --- encoding ---
-
-
-def _load_image(transform: ImageTransform, path: Path) -> Image.Image | str:
-    # A decoder can raise many kinds of error on a corrupt file, and one bad file among a million
-    # must not stop the run: any error makes the image "unreadable", with the error as the reason.
-    try:
-        return transform.load(path, draft=True)
-    except Exception as error:
-        return f"{type(error).__name__}: {error}"
-
-
-def _loaded_batches(
-    root: Path, filenames: list[str], transform: ImageTransform, batch_size: int
-) -> Iterator[tuple[range, list[Image.Image | str]]]:
-    # Decoding runs in threads, one batch ahead of the model.
-    batches = [
-        range(start, min(start + batch_size, len(filenames)))
-        for start in range(0, len(filenames), batch_size)
-    ]
-    with ThreadPoolExecutor(_LOADING_THREADS) as pool:
-
-        def submit(batch: range) -> list[Future]:
-            return [pool.submit(_load_image, transform, root / filenames[index]) for index in batch]
-
-        pending = submit(batches[0]) if batches else []
-        for number, batch in enumerate(batches):
-            loaded = [future.result() for future in pending]
-            if number + 1 < len(batches):
-                pending = submit(batches[number + 1])
-            yield batch, loaded
-
-
-def encode_image_files(
-    model,
-    processor,
-    source: ImageSource,
-    filenames: list[str],
-    output: Path,
-    dtype: EmbeddingDtype,
-    batch_size: int = 64,
-    device: str | torch.device | None = None,
-    progress: bool = False,
-) -> tuple[list[str], list[dict[str, str]]]:
-    """Encode image files with the shared helper, appending the embeddings to the raw file `output`.
-
-    Returns the filenames encoded, in order, and the unreadable ones as {"filename", "error"}.
-    """
-    transform = ImageTransform.from_processor(processor)
-    encoded, unreadable = [], []
-    with (
-        open(output, "wb") as sink,
-        tqdm(total=len(filenames), desc="Indexing images", unit="image", disable=not progress) as bar,
-    ):
-        for batch, loaded in _loaded_batches(source.root, filenames, transform, batch_size):
-            images = []
-            for index, image in zip(batch, loaded, strict=True):
-                if isinstance(image, str):
-                    unreadable.append({"filename": filenames[index], "error": image})
-                else:
-                    images.append(image)
-                    encoded.append(filenames[index])
-            if images:
-                embeds = encode_images(model, processor, images, batch_size=len(images), device=device)
-                sink.write(embeds.numpy().astype(dtype).tobytes())  # [len(images), dim]
-            bar.update(len(batch))
-    return encoded, unreadable
 
 
 # --- the faiss index ---
@@ -273,23 +97,11 @@ def new_vector_index(index_type: str, embeddings: np.ndarray) -> faiss.Index:
 
 def add_vectors(index: faiss.Index, embeddings: np.ndarray, start: int = 0) -> None:
     """Add rows `start:` of `embeddings` (float16 or float32, possibly memory-mapped) to `index`."""
-    for row in range(start, len(embeddings), _ROWS_PER_CHUNK):
-        index.add(np.ascontiguousarray(embeddings[row : row + _ROWS_PER_CHUNK], dtype=np.float32))
+    for row in range(start, len(embeddings), ROWS_PER_CHUNK):
+        index.add(np.ascontiguousarray(embeddings[row : row + ROWS_PER_CHUNK], dtype=np.float32))
 
 
 # --- building and updating an index directory ---
-
-
-def read_previous_index(output: Path) -> IndexInfo | None:
-    """The index already in `output`, None for a new or empty directory; refuse any other directory."""
-    info = read_info(output)
-    if info is None and output.is_dir() and any(output.iterdir()):
-        raise InputError(
-            f"{output}: exists and is not a retrieval index; choose a new or empty --output directory"
-        )
-    if info is None and output.exists() and not output.is_dir():
-        raise InputError(f"{output}: exists and is not a directory")
-    return info
 
 
 def check_same_collection(
@@ -317,29 +129,6 @@ def recorded_model_path(model_name_or_path: str | Path) -> str:
     return str(path.absolute()) if path.exists() else str(model_name_or_path)
 
 
-def write_embeddings(
-    path: Path, old_embeddings: np.ndarray, keep_rows: np.ndarray, new_raw: Path
-) -> np.ndarray:
-    """Write the kept old rows, then the rows of the raw file `new_raw`, to a .npy file; map it read-only."""
-    dtype, dim = old_embeddings.dtype, old_embeddings.shape[1]
-    new_embeddings = (
-        np.memmap(new_raw, dtype=dtype, mode="r").reshape(-1, dim) if new_raw.stat().st_size else None
-    )
-    new_count = 0 if new_embeddings is None else len(new_embeddings)
-    output = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(len(keep_rows) + new_count, dim))
-    for start in range(0, len(keep_rows), _ROWS_PER_CHUNK):
-        rows = keep_rows[start : start + _ROWS_PER_CHUNK]
-        output[start : start + len(rows)] = old_embeddings[rows]
-    for start in range(0, new_count, _ROWS_PER_CHUNK):
-        end = min(start + _ROWS_PER_CHUNK, new_count)
-        output[len(keep_rows) + start : len(keep_rows) + end] = new_embeddings[start:end]
-    del new_embeddings
-    output.flush()
-    del output
-    _sync(path)
-    return np.load(path, mmap_mode="r")
-
-
 def update_vectors(
     output: Path, info: IndexInfo, previous: IndexInfo | None, embeddings: np.ndarray, kept_all: bool
 ) -> faiss.Index:
@@ -347,7 +136,7 @@ def update_vectors(
     reusable = previous is not None and kept_all and previous.index_type == info.index_type
     if reusable and info.index_type == "approximate":
         reusable = ivf_list_count(len(embeddings)) <= 2 * previous.ivf_lists  # retrain after ~4x growth
-    vectors = faiss.read_index(str(previous.path(output, "vectors"))) if reusable else None
+    vectors = read_vectors(output, previous, memory_map=False) if reusable else None
     if vectors is None:
         vectors = new_vector_index(info.index_type, embeddings)
     add_vectors(vectors, embeddings, start=vectors.ntotal)
@@ -356,9 +145,7 @@ def update_vectors(
         info.ivf_probed_lists = min(IVF_PROBED_LISTS, info.ivf_lists)
     else:
         info.ivf_lists = info.ivf_probed_lists = 0
-    info.files["vectors"] = data_file_name("vectors", info.generation)
-    faiss.write_index(vectors, str(info.path(output, "vectors")))
-    _sync(info.path(output, "vectors"))
+    write_vectors(output, info, vectors)
     return vectors
 
 
@@ -384,11 +171,9 @@ def write_data_files(
     if previous is None or new_count or not kept_all or previous.index_type != info.index_type:
         vectors = update_vectors(output, info, previous, embeddings, kept_all)
     else:
-        vectors = faiss.read_index(str(previous.path(output, "vectors")), faiss.IO_FLAG_MMAP_IFC)
+        vectors = read_vectors(output, previous)
         info.ivf_lists, info.ivf_probed_lists = previous.ivf_lists, previous.ivf_probed_lists
-    info.files["metadata"] = data_file_name("metadata", info.generation)
-    metadata.to_csv(info.path(output, "metadata"), index=False)
-    _sync(info.path(output, "metadata"))
+    write_metadata(output, info, metadata)
     return embeddings, vectors
 
 
@@ -399,20 +184,6 @@ def build_metadata(filenames: list[str], source: ImageSource) -> pd.DataFrame:
         texts = dict(zip(source.filenames, source.texts, strict=True))
         table["text"] = [texts[name] for name in filenames]
     return table
-
-
-def read_data_files(directory: Path, info: IndexInfo) -> tuple[np.ndarray, pd.DataFrame]:
-    """The memory-mapped embeddings and the metadata table of an index."""
-    try:
-        embeddings = np.load(info.path(directory, "embeddings"), mmap_mode="r")
-        metadata = pd.read_csv(info.path(directory, "metadata"), dtype=str, keep_default_na=False)
-    except (OSError, KeyError, ValueError) as error:
-        raise InputError(
-            f"{directory}: the index files are missing or damaged ({error}); rebuild it"
-        ) from error
-    if len(embeddings) != info.count or len(metadata) != info.count:
-        raise InputError(f"{directory}: the index files disagree with {INFO_FILE}; rebuild the index")
-    return embeddings, metadata
 
 
 def build_index(
@@ -574,13 +345,7 @@ class RetrievalIndex:
                 f"{directory}: not a retrieval index (no {INFO_FILE}); build one with `retrieval.py index`"
             )
         embeddings, metadata = read_data_files(directory, info)
-        try:
-            flags = faiss.IO_FLAG_MMAP_IFC if memory_map else 0
-            vectors = faiss.read_index(str(info.path(directory, "vectors")), flags)
-        except (KeyError, RuntimeError) as error:
-            raise InputError(f"{directory}: cannot read the faiss index ({error}); rebuild it") from error
-        if vectors.ntotal != info.count:
-            raise InputError(f"{directory}: the faiss index disagrees with {INFO_FILE}; rebuild the index")
+        vectors = read_vectors(directory, info, memory_map)
         return cls(directory, info, metadata, embeddings, vectors, None, None, model_name_or_path, device)
 
     def __len__(self) -> int:

@@ -18,10 +18,11 @@ from PIL import Image
 import retrieval
 from benchmarks import bench_retrieval
 from component import retrieval as retrieval_component
-from component import retrieval_server
+from component import retrieval_images, retrieval_server
 from component.encoding import encode_images, encode_texts, load_model_and_processor
-from component.retrieval import RetrievalIndex, read_info
+from component.retrieval import RetrievalIndex
 from component.retrieval_server import RetrievalServer
+from component.retrieval_store import read_info
 from component.tiny import write_bert_clip
 
 QUERIES = ["一只猫", "红色的汽车停在路边", "蓝天白云"]
@@ -187,7 +188,7 @@ def test_reindex_of_a_grown_folder_encodes_only_the_new_images(
         encoded.extend(images)
         return encode_images(model, processor, images, **options)
 
-    monkeypatch.setattr(retrieval_component, "encode_images", counting_encode_images)
+    monkeypatch.setattr(retrieval_images, "encode_images", counting_encode_images)
     capsys.readouterr()
     run_index(tiny_checkpoint, images, tmp_path / "index")
     assert len(encoded) == 2

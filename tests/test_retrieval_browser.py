@@ -12,7 +12,8 @@ import pytest
 from test_retrieval import IMAGE_NAMES, draw_images
 
 import retrieval
-from component.retrieval import RetrievalIndex, images_in_directory
+from component.retrieval import RetrievalIndex
+from component.retrieval_images import images_in_directory
 from component.retrieval_server import DEFAULT_TOP_K, RetrievalServer
 
 sync_api = pytest.importorskip(
