@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from component.encoding import InputError
+from datatools.atomic import write_json_atomic
 
 EmbeddingDtype = Literal["float16", "float32"]
 EMBEDDING_DTYPES: tuple[EmbeddingDtype, ...] = ("float16", "float32")
@@ -82,11 +83,9 @@ def sync_path(path: Path) -> None:
 
 
 def write_info(directory: Path, info: IndexInfo) -> None:
-    """Replace index.json atomically: write a temporary file, sync it, rename it over the old one."""
-    temporary = directory / f".{INFO_FILE}.{os.getpid()}.tmp"
-    temporary.write_text(json.dumps(asdict(info), ensure_ascii=False, indent=1), encoding="utf-8")
-    sync_path(temporary)
-    os.replace(temporary, directory / INFO_FILE)
+    """Replace index.json atomically (the shared temporary-file, sync and rename writer)."""
+    write_json_atomic(directory / INFO_FILE, asdict(info))
+    # The rename is on disk too before the caller deletes the generation it replaces.
     sync_path(directory)
 
 
