@@ -18,13 +18,13 @@ from tqdm import tqdm
 from datatools.download import (
     FAILED_NAME,
     REPORT_NAME,
-    DownloadOptions,
     DownloadReport,
     ImageDownloader,
     download_rows,
     plan_downloads,
     read_failed_filenames,
 )
+from datatools.fetch import DownloadOptions
 from datatools.image_check import InputError, count_csv_rows, iter_csv_rows, read_csv_header
 
 REQUIRED_COLUMNS = ("url", "filename")

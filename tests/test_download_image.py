@@ -13,15 +13,8 @@ from PIL import Image
 
 import download_image
 from benchmarks import bench_download
-from datatools.download import (
-    DownloadOptions,
-    HttpPools,
-    check_url,
-    fetch_image,
-    parse_retry_after,
-    to_training_jpeg,
-    write_atomic,
-)
+from datatools.download import store_image, to_training_jpeg
+from datatools.fetch import DownloadOptions, HttpPools, check_url, fetch_image, parse_retry_after
 from datatools.image_check import RejectedError, safe_image_path
 
 FAST = ["--timeout", "0.5", "--deadline", "1.5", "--retries", "2", "--backoff", "0.05", "--threads", "16"]
@@ -219,7 +212,7 @@ def test_bad_row_is_reported_with_its_reason_and_leaves_no_file(first_run, filen
 
 
 def test_no_temp_files_are_left(first_run):
-    assert not [path for path in first_run["root"].rglob("*") if path.name.endswith(".part")]
+    assert not [path for path in first_run["root"].rglob(".*") if path.suffix in (".part", ".tmp")]
     assert not list((first_run["root"] / "outside").iterdir())
 
 
@@ -294,7 +287,7 @@ def test_ctrl_c_leaves_complete_images_and_a_report(server, tmp_path, monkeypatc
     report = json.loads((output / "download_report.json").read_text())
     stored = sorted(path.name for path in output.glob("*.jpg"))
     assert report["interrupted"] and report["ok"] == len(stored) <= 5
-    assert not list(output.glob(".*.part"))
+    assert not [path for path in output.glob(".*") if path.suffix in (".part", ".tmp")]
     for path in output.glob("*.jpg"):
         Image.open(path).load()
 
@@ -396,10 +389,10 @@ def test_large_jpeg_is_shrunk_with_draft_decoding_to_the_exact_size():
         assert image.getpixel((200, 10))[0] > 150 and image.getpixel((200, 250))[2] > 150
 
 
-def test_write_atomic_leaves_nothing_when_the_write_fails(tmp_path):
+def test_store_image_leaves_nothing_when_the_write_fails(tmp_path):
     with pytest.raises(TypeError):
-        write_atomic(tmp_path / "a.jpg", "not bytes")  # type: ignore[arg-type]
-    assert list(tmp_path.iterdir()) == []
+        store_image(tmp_path / "a" / "a.jpg", "not bytes")  # type: ignore[arg-type]
+    assert list((tmp_path / "a").iterdir()) == []
 
 
 def test_benchmark_quick_mode_runs(tmp_path, capsys):
