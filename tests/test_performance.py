@@ -2,19 +2,23 @@
 
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers import TrainerCallback
 
 import train_clip
+from component.argument import parse_train_args
 from component.dataset import ImageTextDataset, read_image_text_csv
 from component.demo import all_combinations, write_split
 from component.feature_cache import CachedImageTextDataset, load_or_build_cache
 from component.grad_cache import gradient_cached_backward, split_batch
 from component.model import BertCLIPModel
 from component.processor import ImageTransform, load_processor
+from component.training import run_training
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +84,7 @@ def test_gradient_caching_replays_dropout(tiny_checkpoint, shapes):
         torch.testing.assert_close(grad, first[name], msg=name)
 
 
-def run(tiny_towers, shapes, output, **overrides) -> dict:
+def write_run_args(tiny_towers, shapes, output, **overrides) -> Path:
     values = {
         "output_dir": str(output),
         "clip_pretrain_path": str(tiny_towers["clip"]),
@@ -101,7 +105,13 @@ def run(tiny_towers, shapes, output, **overrides) -> dict:
     }
     path = output.parent / f"{output.name}.json"
     path.write_text(json.dumps(values, ensure_ascii=False))
-    return train_clip.main(["--train_args_file", str(path)])
+    return path
+
+
+def run(tiny_towers, shapes, output, **overrides) -> dict:
+    return train_clip.main(
+        ["--train_args_file", str(write_run_args(tiny_towers, shapes, output, **overrides))]
+    )
 
 
 def test_cached_image_features_match_the_uncached_run(tiny_towers, shapes, tmp_path):
@@ -149,3 +159,33 @@ def test_draft_decoding_keeps_shape_and_values_close(tiny_checkpoint, tmp_path):
     draft = transform(transform.load(path, draft=True)).astype(np.float32)
     assert full.shape == draft.shape == (30, 30, 3)
     assert np.abs(full - draft).mean() < 3.0  # of 255
+
+
+class ProjectionDtypes(TrainerCallback):
+    """Records the dtypes that both towers' projections output during training."""
+
+    def __init__(self):
+        self.dtypes = set()
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        for projection in (model.text_projection, model.visual_projection):
+            projection.register_forward_hook(lambda module, inputs, output: self.dtypes.add(output.dtype))
+
+
+def test_bf16_run_computes_in_bf16_and_learns_like_float32(tiny_towers, shapes, tmp_path):
+    float32 = run(tiny_towers, shapes, tmp_path / "fp32", max_steps=4)
+    probe = ProjectionDtypes()
+    arg_file = write_run_args(tiny_towers, shapes, tmp_path / "bf16", max_steps=4, bf16=True)
+    bf16 = run_training(*parse_train_args(arg_file), extra_callbacks=(probe,))
+    assert probe.dtypes == {torch.bfloat16}  # autocast reached both towers
+    assert abs(bf16["train_loss"] - float32["train_loss"]) <= 0.05 * float32["train_loss"]
+
+
+def test_torch_compile_run_trains(tiny_towers, shapes, tmp_path):
+    # aot_eager traces forward and backward as inductor would, without minutes of C++ compilation.
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    metrics = run(tiny_towers, shapes, tmp_path / "compiled", max_steps=2,
+                  torch_compile=True, torch_compile_backend="aot_eager")  # fmt: skip
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
+    assert np.isfinite(metrics["train_loss"]) and np.isfinite(metrics["eval_loss"])
