@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--threads", type=int, default=DEFAULT_THREADS, help=f"parallel downloads (default {DEFAULT_THREADS})"
     )
     parser.add_argument(
-        "--timeout", type=float, default=DEFAULTS.timeout, help="connect/read timeout, seconds"
+        "--timeout", type=float, default=DEFAULTS.timeout, help="name lookup/connect/read timeout, seconds"
     )
     parser.add_argument(
         "--deadline", type=float, default=DEFAULTS.deadline, help="total seconds per image, retries included"

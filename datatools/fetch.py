@@ -28,6 +28,7 @@ from urllib3.exceptions import (
 from urllib3.exceptions import HTTPError as Urllib3Error
 
 from datatools.image_check import DEFAULT_MAX_PIXELS, RejectedError
+from datatools.resolve import POOL_CLASSES_BY_SCHEME, LookupTimeoutError
 
 INTERRUPTED = "interrupted"
 HEADERS = {
@@ -44,7 +45,7 @@ READ_CHUNK_BYTES = 256 * 1024
 class DownloadOptions:
     """Limits for one image's download and the size it is stored at."""
 
-    timeout: float = 10.0  # seconds to connect, and seconds any single read may wait
+    timeout: float = 10.0  # seconds to look up the host, to connect, and for any single read
     deadline: float = 30.0  # seconds for the whole image, all attempts and redirects included
     max_bytes: int = 20 * 2**20  # larger bodies are refused as `too_large`
     retries: int = 2  # extra attempts after timeouts, dropped connections, 408/429/5xx
@@ -95,14 +96,24 @@ class HttpPools:
         """This thread's pool manager for `url` (a proxy manager when a proxy applies)."""
         managers: dict[str, urllib3.PoolManager] | None = getattr(self._local, "managers", None)
         if managers is None:
-            managers = self._local.managers = {"": urllib3.PoolManager(num_pools=64, headers=HEADERS)}
+            managers = self._local.managers = {}
         parts = urlsplit(url)
         proxy = self._proxies.get(parts.scheme, "")
         if proxy and urllib.request.proxy_bypass_environment(parts.hostname or "", self._proxies):
             proxy = ""
         if proxy not in managers:
-            managers[proxy] = urllib3.ProxyManager(proxy, num_pools=64, headers=HEADERS)
+            managers[proxy] = _pool_manager(proxy)
         return managers[proxy]
+
+
+def _pool_manager(proxy: str) -> urllib3.PoolManager:
+    """A pool manager (through `proxy` unless it is empty) whose host-name lookups are bounded."""
+    if proxy:
+        manager = urllib3.ProxyManager(proxy, num_pools=64, headers=HEADERS)
+    else:
+        manager = urllib3.PoolManager(num_pools=64, headers=HEADERS)
+    manager.pool_classes_by_scheme = POOL_CLASSES_BY_SCHEME
+    return manager
 
 
 def check_url(url: str) -> str:
@@ -197,13 +208,19 @@ def _request(pools: HttpPools, url: str, timeout: float) -> urllib3.BaseHTTPResp
         )
     except NameResolutionError:
         raise RejectedError("dns_error") from None
+    except LookupTimeoutError:  # not retried: a retry would wait on the same lookup, still running
+        raise RejectedError("dns_timeout") from None
     except NewConnectionError:  # refused or unreachable; a subclass of ConnectTimeoutError
         raise _RetryableError("connection_error") from None
     except (ConnectTimeoutError, ReadTimeoutError):
         raise _RetryableError("timeout") from None
     except SSLError as error:
         raise RejectedError("ssl_error", str(error)) from None
-    except (ProtocolError, ProxyError):
+    except ProxyError as error:
+        if isinstance(error.original_error, LookupTimeoutError):  # the proxy's own host name
+            raise RejectedError("dns_timeout") from None
+        raise _RetryableError("connection_error") from None
+    except ProtocolError:
         raise _RetryableError("connection_error") from None
     except (LocationValueError, ValueError) as error:  # an invalid URL or IDNA host name
         raise RejectedError("bad_url", str(error)) from None

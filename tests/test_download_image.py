@@ -3,7 +3,9 @@
 import csv
 import io
 import json
+import os
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from PIL import Image
 
 import download_image
 from benchmarks import bench_download
+from datatools import resolve
 from datatools.download import store_image, to_training_jpeg
 from datatools.fetch import DownloadOptions, HttpPools, check_url, fetch_image, parse_retry_after
 from datatools.image_check import RejectedError, safe_image_path
@@ -343,6 +346,84 @@ def test_proxy_from_the_environment_is_used(server, monkeypatch):
     monkeypatch.delenv("no_proxy", raising=False)
     result = fetch_image("http://images.example.invalid/jpeg.jpg", HttpPools(), DownloadOptions(timeout=1))
     assert (result.reason, result.data) == (None, JPEG)
+
+
+@pytest.fixture
+def no_proxy(monkeypatch):
+    """No proxy from the environment: host names are looked up here."""
+    for name in list(os.environ):
+        if name.lower().endswith("_proxy"):
+            monkeypatch.delenv(name)
+
+
+def loopback_lookup(host: str, port: int) -> list:
+    """A stand-in for the system lookup: every name is 127.0.0.1."""
+    return socket.getaddrinfo("127.0.0.1", port, socket.AF_INET, socket.SOCK_STREAM)
+
+
+def test_hanging_name_lookup_fails_its_row_within_the_timeout_and_the_run_goes_on(
+    server, tmp_path, monkeypatch, no_proxy
+):
+    released = threading.Event()
+
+    def lookup_host(host: str, port: int) -> list:
+        if host == "hangs.invalid":
+            released.wait(30)  # a resolver that never answers
+        return loopback_lookup(host, port)
+
+    monkeypatch.setattr(resolve, "lookup_host", lookup_host)
+    rows = [
+        {"text": "a", "url": f"http://hangs.invalid:{server.port}/jpeg.jpg", "filename": "hangs.jpg"},
+        {"text": "b", "url": f"http://answers.invalid:{server.port}/jpeg.jpg", "filename": "ok.jpg"},
+    ]
+    output = tmp_path / "images"
+    argv = ["--input", str(write_csv(tmp_path / "train.csv", rows)), "--output", str(output)]
+    argv += ["--timeout", "0.5", "--deadline", "10", "--retries", "2", "--threads", "2"]
+    try:
+        started = time.monotonic()
+        assert download_image.main(argv) == 0
+        seconds = time.monotonic() - started
+    finally:
+        released.set()
+    assert read_rows(output / "download_failed.csv") == [
+        {"text": "a", "url": rows[0]["url"], "filename": "hangs.jpg", "reason": "dns_timeout"}
+    ]
+    assert (output / "ok.jpg").is_file()
+    assert 0.5 <= seconds < 2.0
+
+
+def test_unknown_host_name_is_a_dns_error(monkeypatch, no_proxy):
+    def lookup_host(host: str, port: int) -> list:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(resolve, "lookup_host", lookup_host)
+    result = fetch_image("http://nowhere.invalid/x.jpg", HttpPools(), DownloadOptions(timeout=1))
+    assert (result.reason, result.attempts) == ("dns_error", 1)
+
+
+def test_concurrent_lookups_of_one_host_share_one_system_lookup(monkeypatch):
+    calls = []
+    released = threading.Event()
+
+    def lookup_host(host: str, port: int) -> list:
+        calls.append(host)
+        released.wait(5)
+        return loopback_lookup(host, port)
+
+    monkeypatch.setattr(resolve, "lookup_host", lookup_host)
+    resolver = resolve.Resolver()
+    results = []
+    threads = [
+        threading.Thread(target=lambda: results.append(resolver.resolve("shared.invalid", 80, 5)))
+        for _ in range(8)
+    ]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.1)
+    released.set()
+    for thread in threads:
+        thread.join()
+    assert calls == ["shared.invalid"] and len(results) == 8
 
 
 @pytest.mark.parametrize(
