@@ -8,7 +8,9 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -25,10 +27,11 @@ from component.retrieval_store import (
     ROWS_PER_CHUNK,
     EmbeddingDtype,
     IndexInfo,
+    check_output_directory,
     data_file_name,
+    index_lock,
     read_data_files,
     read_info,
-    read_previous_index,
     read_vectors,
     remove_stale_files,
     write_embeddings,
@@ -196,40 +199,62 @@ def build_index(
     dtype: EmbeddingDtype | None = None,
     progress: bool = False,
 ) -> "RetrievalIndex":
-    """Create or update the index in `output`; see `RetrievalIndex.build`."""
+    """Create or update the index in `output`, holding its lock; see `RetrievalIndex.build`."""
     output = Path(output)
-    previous = read_previous_index(output)
-    model, processor = load_model_and_processor(model_name_or_path, device)
-    fingerprint = model_fingerprint(model, processor)
-    old_embeddings, old_metadata = None, pd.DataFrame({"filename": []}, dtype=str)
-    if previous is not None:
-        check_same_collection(previous, output, fingerprint, source.root, dtype)
-        old_embeddings, old_metadata = read_data_files(output, previous)
-    wanted, known = set(source.filenames), set(old_metadata["filename"])
-    keep_rows = np.flatnonzero(old_metadata["filename"].isin(wanted).to_numpy())
-    new_filenames = [name for name in source.filenames if name not in known]
-    dtype = dtype or (previous.dtype if previous else "float16")
-    output.mkdir(parents=True, exist_ok=True)
-    new_raw = output / f".new-embeddings.{os.getpid()}.tmp"
-    try:
-        encoded, unreadable = encode_image_files(
-            model, processor, source, new_filenames, new_raw, dtype, batch_size, device, progress
-        )
-        filenames = old_metadata["filename"].iloc[keep_rows].tolist() + encoded
-        if not filenames:
-            raise InputError(f"{source.root}: no readable images, so nothing was indexed")
+    check_output_directory(output)  # before a lock file goes into it
+    with index_lock(output):
+        previous = read_info(output)
+        model, processor = load_model_and_processor(model_name_or_path, device)
         info = IndexInfo(
             model_name_or_path=recorded_model_path(model_name_or_path),
-            model_fingerprint=fingerprint,
+            model_fingerprint=model_fingerprint(model, processor),
             image_root=str(source.root),
             dim=model.config.projection_dim,
-            dtype=dtype,
-            index_type=choose_index_type(index_type, len(filenames)),
-            count=len(filenames),
+            dtype=dtype or (previous.dtype if previous else "float16"),
+            index_type="exact",  # chosen by `write_generation` once the count is known
             generation=previous.generation + 1 if previous else 1,
             files=dict(previous.files) if previous else {},
             has_text=source.texts is not None,
         )
+        if previous is not None:
+            check_same_collection(previous, output, info.model_fingerprint, source.root, dtype)
+        encode = partial(
+            encode_image_files,
+            model,
+            processor,
+            source,
+            dtype=info.dtype,
+            batch_size=batch_size,
+            device=device,
+            progress=progress,
+        )
+        metadata, embeddings, vectors = write_generation(output, info, previous, source, encode, index_type)
+        remove_stale_files(output, info)
+    return RetrievalIndex(output, info, metadata, embeddings, vectors, model, processor)
+
+
+def write_generation(
+    output: Path,
+    info: IndexInfo,
+    previous: IndexInfo | None,
+    source: ImageSource,
+    encode: Callable[[list[str], Path], tuple[list[str], list[dict[str, str]]]],
+    index_type: IndexType,
+) -> tuple[pd.DataFrame, np.ndarray, faiss.Index]:
+    """Encode the images of `source` not in `previous`, write the generation `info` describes and
+    then its index.json. `encode(filenames, raw_file)` is `encode_image_files` with its options."""
+    old_embeddings, old_metadata = None, pd.DataFrame({"filename": []}, dtype=str)
+    if previous is not None:
+        old_embeddings, old_metadata = read_data_files(output, previous)
+    keep_rows = np.flatnonzero(old_metadata["filename"].isin(set(source.filenames)).to_numpy())
+    known = set(old_metadata["filename"])
+    new_raw = output / f".new-embeddings.{os.getpid()}.tmp"
+    try:
+        encoded, unreadable = encode([name for name in source.filenames if name not in known], new_raw)
+        filenames = old_metadata["filename"].iloc[keep_rows].tolist() + encoded
+        if not filenames:
+            raise InputError(f"{source.root}: no readable images, so nothing was indexed")
+        info.count, info.index_type = len(filenames), choose_index_type(index_type, len(filenames))
         info.last_run = {
             "new": len(encoded),
             "already_indexed": len(keep_rows),
@@ -243,8 +268,7 @@ def build_index(
         write_info(output, info)
     finally:
         new_raw.unlink(missing_ok=True)
-    remove_stale_files(output, info)
-    return RetrievalIndex(output, info, metadata, embeddings, vectors, model, processor)
+    return metadata, embeddings, vectors
 
 
 # --- searching ---

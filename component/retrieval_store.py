@@ -8,13 +8,17 @@ An index directory holds:
     metadata-<G>.csv       one row per embedding: filename (relative to the image root), and text
                            when the images came from a CSV
     vectors-<G>.faiss      the faiss index over the same rows
+    .index.lock            locked (flock) by the index run in progress, so that two runs never overlap
 
 A run writes new data files under a new generation number G and only then replaces index.json
 (a temporary file renamed over it), so an interrupted run leaves the previous index whole.
 """
 
+import fcntl
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -30,6 +34,7 @@ EmbeddingDtype = Literal["float16", "float32"]
 EMBEDDING_DTYPES: tuple[EmbeddingDtype, ...] = ("float16", "float32")
 FORMAT_VERSION = 1
 INFO_FILE = "index.json"
+LOCK_FILE = ".index.lock"  # held by the index run in progress
 DATA_FILE_KINDS = {"embeddings": ".npy", "metadata": ".csv", "vectors": ".faiss"}
 ROWS_PER_CHUNK = 65_536  # rows copied or added to faiss at once, to bound memory
 
@@ -104,16 +109,44 @@ def remove_stale_files(directory: Path, info: IndexInfo) -> None:
             path.unlink(missing_ok=True)
 
 
-def read_previous_index(output: Path) -> IndexInfo | None:
-    """The index already in `output`, None for a new or empty directory; refuse any other directory."""
-    info = read_info(output)
-    if info is None and output.is_dir() and any(output.iterdir()):
+def check_output_directory(output: Path) -> None:
+    """Refuse an output that is a file, or a directory of other files than an index's.
+
+    Every index run leaves its lock file, so a directory with the lock file but no index.json was
+    left by a run that failed or is still going: it is accepted, and that run's lock decides.
+    """
+    if output.exists() and not output.is_dir():
+        raise InputError(f"{output}: exists and is not a directory")
+    ours = (output / INFO_FILE).exists() or (output / LOCK_FILE).exists()
+    if output.is_dir() and not ours and any(output.iterdir()):
         raise InputError(
             f"{output}: exists and is not a retrieval index; choose a new or empty --output directory"
         )
-    if info is None and output.exists() and not output.is_dir():
-        raise InputError(f"{output}: exists and is not a directory")
-    return info
+
+
+@contextmanager
+def index_lock(directory: Path) -> Iterator[None]:
+    """Hold the lock of an index directory (created if missing) for one index run; refuse at once
+    when another run holds it.
+
+    The lock is an flock on the lock file, not the file's existence: the kernel releases it when
+    the holder exits or is killed, so a lock file left behind blocks no later run.
+    """
+    path = directory / LOCK_FILE
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        lock_file = open(path, "a")
+    except OSError as error:
+        raise InputError(f"{directory}: cannot create the directory or its lock file ({error})") from error
+    with lock_file:
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(
+                f"{directory}: another index run is in progress (it holds {path}); "
+                "wait for it to finish, then run again"
+            ) from None
+        yield  # closing the file releases the lock
 
 
 def write_embeddings(

@@ -4,6 +4,8 @@ unreadable images, atomic updates, the web API, and the benchmark's quick mode."
 import io
 import json
 import shutil
+import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -22,7 +24,7 @@ from component import retrieval_images, retrieval_server
 from component.encoding import encode_images, encode_texts, load_model_and_processor
 from component.retrieval import RetrievalIndex
 from component.retrieval_server import RetrievalServer
-from component.retrieval_store import read_info
+from component.retrieval_store import LOCK_FILE, index_lock, read_info
 from component.tiny import write_bert_clip
 
 QUERIES = ["一只猫", "红色的汽车停在路边", "蓝天白云"]
@@ -215,6 +217,7 @@ def test_reindex_drops_images_no_longer_in_the_folder(capsys, tmp_path, tiny_che
     document = search_json(capsys, tmp_path / "index", "--text", "一只猫", "--top_k", "10")
     assert len(document["results"]) == 7
     assert sorted(path.name for path in (tmp_path / "index").iterdir()) == [
+        ".index.lock",
         "embeddings-000002.npy",
         "index.json",
         "metadata-000002.csv",
@@ -326,7 +329,89 @@ def test_interrupted_update_leaves_the_previous_index_whole(
     monkeypatch.undo()
     run_index(tiny_checkpoint, images, tmp_path / "index")
     assert "indexed 1 new image(s); 8 already indexed" in capsys.readouterr().out
-    assert len(list((tmp_path / "index").iterdir())) == 4  # the interrupted run's files are gone
+    assert len(list((tmp_path / "index").iterdir())) == 5  # the interrupted run's files are gone
+
+
+# --- one index run at a time ---
+
+
+def test_an_index_run_into_a_locked_directory_fails_before_loading_the_model(
+    capsys, tmp_path, tiny_checkpoint, collection, monkeypatch
+):
+    run_index(tiny_checkpoint, collection, tmp_path / "index")
+    info_before = (tmp_path / "index" / "index.json").read_text()
+
+    def no_model(*args, **options):
+        raise AssertionError("the model was loaded before the lock was taken")
+
+    monkeypatch.setattr(retrieval_component, "load_model_and_processor", no_model)
+    with index_lock(tmp_path / "index"):
+        error = run_error(capsys, index_argv(tiny_checkpoint, tmp_path / "index", "--images_dir", collection))
+    assert error.startswith(f"error: {tmp_path / 'index'}: another index run is in progress")
+    assert (tmp_path / "index" / "index.json").read_text() == info_before
+
+
+def test_a_second_index_run_is_refused_while_the_first_completes(
+    capsys, tmp_path, tiny_checkpoint, collection, monkeypatch
+):
+    encoding, finish = threading.Event(), threading.Event()
+    first_run_errors = []
+
+    def paused_encode_images(*args, **options):
+        if threading.current_thread() is first:  # without the lock, the second run must not wait
+            encoding.set()
+            assert finish.wait(60)
+        return encode_images(*args, **options)
+
+    def first_run():
+        try:
+            run_index(tiny_checkpoint, collection, tmp_path / "index", "--batch_size", "8")
+        except BaseException as error:
+            first_run_errors.append(error)
+
+    monkeypatch.setattr(retrieval_images, "encode_images", paused_encode_images)
+    first = threading.Thread(target=first_run)
+    first.start()
+    try:
+        assert encoding.wait(60)
+        argv = index_argv(tiny_checkpoint, tmp_path / "index", "--images_dir", collection)
+        error = run_error(capsys, argv)  # the new directory holds only the first run's files
+    finally:
+        finish.set()
+        first.join(60)
+    # the first run's progress bar may share the error's line
+    assert f"error: {tmp_path / 'index'}: another index run is in progress" in error
+    assert first_run_errors == []
+    assert "indexed 8 new image(s)" in capsys.readouterr().out
+    assert read_info(tmp_path / "index").count == len(IMAGE_NAMES)
+
+
+def test_a_lock_file_left_by_a_killed_index_run_blocks_no_later_run(
+    capsys, tmp_path, tiny_checkpoint, collection
+):
+    (tmp_path / "index").mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", LOCK_HOLDER, str(tmp_path / "index" / LOCK_FILE)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        holder.kill()  # SIGKILL: no clean-up runs, the lock file stays
+    finally:
+        holder.wait(30)
+    assert (tmp_path / "index" / LOCK_FILE).exists()
+    run_index(tiny_checkpoint, collection, tmp_path / "index")
+    assert f"indexed {len(IMAGE_NAMES)} new image(s)" in capsys.readouterr().out
+
+
+LOCK_HOLDER = """
+import fcntl, sys, time
+lock_file = open(sys.argv[1], "a")
+fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+print("locked", flush=True)
+time.sleep(600)
+"""
 
 
 @pytest.mark.parametrize(
