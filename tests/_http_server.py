@@ -1,7 +1,10 @@
-"""Helpers for the data-tool tests: a loopback HTTP server (127.0.0.1 only) and small test images."""
+"""Helpers for the data-tool tests: a loopback HTTP server (127.0.0.1 only), small test images,
+and a probe of what a script's --help imports."""
 
 import io
 import struct
+import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -10,9 +13,22 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+HELP_IN_A_FRESH_PROCESS = """
+import contextlib, io, sys
+import {module}
+with contextlib.redirect_stdout(io.StringIO()):
+    try:
+        {module}.main(["--help"])
+    except SystemExit as exit:
+        assert exit.code == 0, exit.code
+print(" ".join(name for name in ("torch", "transformers") if name in sys.modules))
+"""
 
 RED = (220, 20, 20)
 BLUE = (20, 20, 220)
@@ -135,3 +151,12 @@ def png_claiming(width: int, height: int) -> bytes:
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     pixels = zlib.compress(b"\0" * 1024)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+
+
+def heavy_modules_after_help(module: str) -> list[str]:
+    """Which of torch and transformers a fresh Python has loaded once `module.main(["--help"])` ran."""
+    code = HELP_IN_A_FRESH_PROCESS.format(module=module)
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, check=True
+    )
+    return done.stdout.split()

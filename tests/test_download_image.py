@@ -10,7 +10,16 @@ import time
 from pathlib import Path
 
 import pytest
-from _http_server import BLUE, RED, LoopbackServer, Route, encode, png_claiming, two_tone
+from _http_server import (
+    BLUE,
+    RED,
+    LoopbackServer,
+    Route,
+    encode,
+    heavy_modules_after_help,
+    png_claiming,
+    two_tone,
+)
 from PIL import Image
 
 import download_image
@@ -480,3 +489,7 @@ def test_benchmark_quick_mode_runs(tmp_path, capsys):
     assert bench_download.main(["--quick", "--workdir", str(tmp_path)]) == 0
     figures = json.loads(capsys.readouterr().out)
     assert figures["download"]["images_per_s"] > 0 and figures["cpu_limit"]["images_per_s"] > 0
+
+
+def test_help_loads_neither_torch_nor_transformers():
+    assert heavy_modules_after_help("download_image") == []

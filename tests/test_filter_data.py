@@ -5,7 +5,7 @@ import hashlib
 from pathlib import Path
 
 import pytest
-from _http_server import encode, png_claiming, two_tone
+from _http_server import encode, heavy_modules_after_help, png_claiming, two_tone
 from PIL import Image
 
 import filter_data
@@ -183,3 +183,7 @@ def test_check_image_limits_can_be_switched_off(tmp_path):
     path = tmp_path / "banner.jpg"
     path.write_bytes(IMAGES["banner.jpg"][0])
     assert check_image(path, min_side=0, max_aspect_ratio=0) is None
+
+
+def test_help_loads_neither_torch_nor_transformers():
+    assert heavy_modules_after_help("filter_data") == []
