@@ -1,12 +1,12 @@
 """Performance features keep results exact: gradient caching, cached image features, draft decoding."""
 
-import json
 import random
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _runs import tiny_run_args, write_args
 from PIL import Image
 from transformers import TrainerCallback
 
@@ -85,33 +85,14 @@ def test_gradient_caching_replays_dropout(tiny_checkpoint, shapes):
 
 
 def write_run_args(tiny_towers, shapes, output, **overrides) -> Path:
-    values = {
-        "output_dir": str(output),
-        "clip_pretrain_path": str(tiny_towers["clip"]),
-        "bert_pretrain_path": str(tiny_towers["bert"]),
-        "train_file": str(shapes / "train.csv"),
-        "test_file": str(shapes / "test.csv"),
-        "image_path": str(shapes / "images"),
-        "max_seq_length": 24,
-        "per_device_train_batch_size": 8,
-        "learning_rate": 1e-3,
-        "num_train_epochs": 2,
-        "save_strategy": "no",
-        "use_cpu": True,
-        "dataloader_num_workers": 0,
-        "disable_tqdm": True,
-        "seed": 11,
-        **overrides,
-    }
-    path = output.parent / f"{output.name}.json"
-    path.write_text(json.dumps(values, ensure_ascii=False))
-    return path
+    """Two epochs by default, so that the cached-feature runs reuse their cache."""
+    values = tiny_run_args(tiny_towers, shapes, output, max_steps=-1, num_train_epochs=2, seed=11)
+    return write_args(output.parent / f"{output.name}.json", **{**values, **overrides})
 
 
 def run(tiny_towers, shapes, output, **overrides) -> dict:
-    return train_clip.main(
-        ["--train_args_file", str(write_run_args(tiny_towers, shapes, output, **overrides))]
-    )
+    arg_file = write_run_args(tiny_towers, shapes, output, **overrides)
+    return train_clip.main(["--train_args_file", str(arg_file)])
 
 
 def test_cached_image_features_match_the_uncached_run(tiny_towers, shapes, tmp_path):

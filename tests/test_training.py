@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _runs import tiny_run_args, write_args
 from safetensors.torch import load_file
 from transformers import AutoProcessor, TrainerCallback
 
@@ -38,34 +39,6 @@ def shapes_data(tmp_path_factory) -> Path:
     write_split(directory, "train", [rng.choice(combinations) for _ in range(48)], rng, vary_template=True)
     write_split(directory, "test", combinations[:20], rng, vary_template=False)
     return directory
-
-
-def write_args(path: Path, **values) -> Path:
-    path.write_text(json.dumps(values, ensure_ascii=False))
-    return path
-
-
-def tiny_run_args(tiny_towers, shapes_data, output_dir, **overrides) -> dict:
-    return {
-        "output_dir": str(output_dir),
-        "clip_pretrain_path": str(tiny_towers["clip"]),
-        "bert_pretrain_path": str(tiny_towers["bert"]),
-        "train_file": str(shapes_data / "train.csv"),
-        "test_file": str(shapes_data / "test.csv"),
-        "image_path": str(shapes_data / "images"),
-        "max_seq_length": 24,
-        "per_device_train_batch_size": 8,
-        "per_device_eval_batch_size": 16,
-        "learning_rate": 1e-3,
-        "max_steps": 6,
-        "logging_steps": 2,
-        "save_strategy": "no",
-        "use_cpu": True,
-        "dataloader_num_workers": 0,
-        "disable_tqdm": True,
-        "seed": 7,
-        **overrides,
-    }
 
 
 def weights(directory: Path) -> dict[str, torch.Tensor]:
