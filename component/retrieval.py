@@ -27,11 +27,13 @@ from component.retrieval_store import (
     ROWS_PER_CHUNK,
     EmbeddingDtype,
     IndexInfo,
+    InfoStamp,
     check_output_directory,
     data_file_name,
     index_lock,
     read_data_files,
     read_info,
+    read_info_stamp,
     read_vectors,
     remove_stale_files,
     write_embeddings,
@@ -230,7 +232,8 @@ def build_index(
         )
         metadata, embeddings, vectors = write_generation(output, info, previous, source, encode, index_type)
         remove_stale_files(output, info)
-    return RetrievalIndex(output, info, metadata, embeddings, vectors, model, processor)
+        stamp = read_info_stamp(output)
+    return RetrievalIndex(output, info, metadata, embeddings, vectors, model, processor, info_stamp=stamp)
 
 
 def write_generation(
@@ -309,6 +312,7 @@ class RetrievalIndex:
         processor=None,
         model_name_or_path: str | Path | None = None,
         device: str | torch.device | None = None,
+        info_stamp: InfoStamp | None = None,
     ):
         self.directory = Path(directory)
         self.info = info
@@ -318,6 +322,7 @@ class RetrievalIndex:
         self.model, self.processor = model, processor
         self.model_name_or_path = str(model_name_or_path or info.model_name_or_path)
         self.device = device
+        self.info_stamp = info_stamp  # of the index.json read, to tell when an index run replaced it
         if info.index_type == "approximate":
             faiss.extract_index_ivf(vectors).nprobe = info.ivf_probed_lists
 
@@ -363,6 +368,7 @@ class RetrievalIndex:
         server reads it into memory instead (`memory_map=False`), for steady latency.
         """
         directory = Path(directory)
+        stamp = read_info_stamp(directory)  # before reading: a later replacement then shows as a change
         info = read_info(directory)
         if info is None:
             raise InputError(
@@ -370,7 +376,9 @@ class RetrievalIndex:
             )
         embeddings, metadata = read_data_files(directory, info)
         vectors = read_vectors(directory, info, memory_map)
-        return cls(directory, info, metadata, embeddings, vectors, None, None, model_name_or_path, device)
+        return cls(
+            directory, info, metadata, embeddings, vectors, None, None, model_name_or_path, device, stamp
+        )
 
     def __len__(self) -> int:
         return self.info.count

@@ -6,13 +6,15 @@
     GET  /thumbnail?path=F             a JPEG thumbnail (at most 256 px a side) of an indexed image
     GET  /image?path=F                 an indexed image file itself
 
-Only files that the index lists and that lie under its image root are served.
+Only files that the index lists and that lie under its image root are served. A later index run
+into the same directory is picked up by the next request, without a restart.
 """
 
 import json
 import mimetypes
 import sys
 import threading
+from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from io import BytesIO
@@ -23,6 +25,7 @@ from PIL import Image, ImageOps
 
 from component.encoding import InputError
 from component.retrieval import RetrievalIndex, results_document
+from component.retrieval_store import read_info_stamp
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MAX_TOP_K = 100
@@ -158,8 +161,44 @@ def read_uploaded_image(body: bytes) -> Image.Image:
         raise InputError(f"cannot read the uploaded image ({error})") from error
 
 
+@dataclass(frozen=True)
+class ServedIndex:
+    """An index and what the server derives from it, replaced as one when the index is reloaded."""
+
+    index: RetrievalIndex
+    filenames: frozenset[str]
+    image_root: Path
+
+    @classmethod
+    def of(cls, index: RetrievalIndex) -> "ServedIndex":
+        return cls(index, frozenset(index.metadata["filename"]), index.image_root.resolve())
+
+    def indexed_file(self, filename: str) -> Path | None:
+        """The file of an indexed image, or None when `filename` is not one or lies outside the root."""
+        if filename not in self.filenames:
+            return None
+        path = (self.image_root / filename).resolve()
+        return path if path.is_relative_to(self.image_root) and path.is_file() else None
+
+
+def reopen(index: RetrievalIndex) -> RetrievalIndex:
+    """The index directory of `index` opened again, read into memory, sharing its loaded model."""
+    new_index = RetrievalIndex.load(index.directory, index.model_name_or_path, index.device, memory_map=False)
+    if new_index.info.model_fingerprint != index.info.model_fingerprint:
+        raise InputError(
+            f"it was rebuilt with another model ({new_index.info.model_name_or_path}); "
+            "restart the server to search it"
+        )
+    new_index.model, new_index.processor = index.model, index.processor
+    return new_index
+
+
 class RetrievalServer(ThreadingHTTPServer):
-    """The search page's HTTP server; each request runs in its own thread, queries one at a time."""
+    """The search page's HTTP server; each request runs in its own thread, queries one at a time.
+
+    Each request first compares the index's index.json with the one it was opened from (one stat
+    call); after an index run has replaced it, the index is opened again and swapped in.
+    """
 
     daemon_threads = True
 
@@ -170,9 +209,9 @@ class RetrievalServer(ThreadingHTTPServer):
             super().__init__((host, port), RetrievalRequestHandler)
         except OSError as error:
             raise InputError(f"cannot listen on {host}:{port} ({error})") from error
-        self.index = index
-        self.filenames = frozenset(index.metadata["filename"])
-        self.image_root = index.image_root.resolve()
+        self.served = ServedIndex.of(index)
+        self.tried_stamp = index.info_stamp  # of the last index.json opened or tried
+        self.reload_lock = threading.Lock()
         self.search_lock = threading.Lock()  # one model forward at a time
         self.log_requests = log_requests
 
@@ -182,12 +221,41 @@ class RetrievalServer(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         return f"http://{host}:{port}/"
 
-    def indexed_file(self, filename: str) -> Path | None:
-        """The file of an indexed image, or None when `filename` is not one or lies outside the root."""
-        if filename not in self.filenames:
-            return None
-        path = (self.image_root / filename).resolve()
-        return path if path.is_relative_to(self.image_root) and path.is_file() else None
+    def current(self) -> ServedIndex:
+        """The index to answer a request from, reloaded first when an index run has replaced it.
+
+        While one request reloads, the others are answered from the index in use.
+        """
+        served = self.served
+        stamp = read_info_stamp(served.index.directory)
+        if stamp == self.tried_stamp or not self.reload_lock.acquire(blocking=False):
+            return served
+        try:
+            if stamp != self.tried_stamp:  # not reloaded by another request meanwhile
+                self.tried_stamp = stamp
+                self.reload(self.served.index)
+            return self.served
+        finally:
+            self.reload_lock.release()
+
+    def reload(self, index: RetrievalIndex) -> None:
+        """Swap in the index directory's current index; on any error keep `index` and say why."""
+        try:
+            new_index = reopen(index)
+        except Exception as error:  # whatever went wrong, the index in use still answers
+            print(
+                f"warning: cannot reload {index.directory} ({error}); still serving its "
+                f"{len(index)} images of generation {index.info.generation}",
+                file=sys.stderr,
+                flush=True,
+            )
+            return
+        self.served = ServedIndex.of(new_index)
+        print(
+            f"reloaded {index.directory}: {len(new_index)} images, generation {new_index.info.generation}",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 class RetrievalRequestHandler(BaseHTTPRequestHandler):
@@ -198,14 +266,15 @@ class RetrievalRequestHandler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         url = urlsplit(self.path)
         query = parse_qs(url.query)
+        served = self.server.current()
         if url.path == "/":
-            page = PAGE.replace("__COUNT__", str(len(self.server.index)))
+            page = PAGE.replace("__COUNT__", str(len(served.index)))
             page = page.replace("__MAX_TOP_K__", str(MAX_TOP_K)).replace("__TOP_K__", str(DEFAULT_TOP_K))
             self.send_body(HTTPStatus.OK, page.encode("utf-8"), "text/html; charset=utf-8")
         elif url.path == "/api/search":
-            self.answer_search(query, lambda top_k: self.search_text(query, top_k))
+            self.answer_search(query, lambda top_k: self.search_text(served.index, query, top_k))
         elif url.path in ("/thumbnail", "/image"):
-            self.send_image(query.get("path", [""])[0], thumbnail=url.path == "/thumbnail")
+            self.send_image(served, query.get("path", [""])[0], thumbnail=url.path == "/thumbnail")
         else:
             self.send_json(HTTPStatus.NOT_FOUND, {"error": f"no such page: {url.path}"})
 
@@ -222,17 +291,18 @@ class RetrievalRequestHandler(BaseHTTPRequestHandler):
             self.send_json(status, {"error": f"send one image file of at most {MAX_UPLOAD_BYTES} bytes"})
             return
         body = self.rfile.read(length)
-        self.answer_search(parse_qs(url.query), lambda top_k: self.search_image(body, top_k))
+        index = self.server.current().index
+        self.answer_search(parse_qs(url.query), lambda top_k: self.search_image(index, body, top_k))
 
-    def search_text(self, query: dict[str, list[str]], top_k: int) -> dict:
+    def search_text(self, index: RetrievalIndex, query: dict[str, list[str]], top_k: int) -> dict:
         text = query.get("text", [""])[0]
         with self.server.search_lock:
-            return results_document(text, self.server.index.search_text(text, top_k))
+            return results_document(text, index.search_text(text, top_k))
 
-    def search_image(self, body: bytes, top_k: int) -> dict:
+    def search_image(self, index: RetrievalIndex, body: bytes, top_k: int) -> dict:
         image = read_uploaded_image(body)
         with self.server.search_lock:
-            return results_document("uploaded image", self.server.index.search_image(image, top_k))
+            return results_document("uploaded image", index.search_image(image, top_k))
 
     def answer_search(self, query: dict[str, list[str]], run) -> None:
         """Run a search and send its JSON; a bad query gets 400 with {"error": ...}."""
@@ -241,8 +311,8 @@ class RetrievalRequestHandler(BaseHTTPRequestHandler):
         except InputError as error:
             self.send_json(HTTPStatus.BAD_REQUEST, {"error": str(error)})
 
-    def send_image(self, filename: str, thumbnail: bool) -> None:
-        path = self.server.indexed_file(filename)
+    def send_image(self, served: ServedIndex, filename: str, thumbnail: bool) -> None:
+        path = served.indexed_file(filename)
         if path is None:
             self.send_json(HTTPStatus.NOT_FOUND, {"error": f"not an indexed image: {filename!r}"})
             return

@@ -77,6 +77,22 @@ def read_info(directory: str | Path) -> IndexInfo | None:
         raise InputError(f"{path}: not a usable index description ({error}); rebuild the index") from error
 
 
+InfoStamp = tuple[int, int, int]  # index.json's inode, modification time (ns) and size
+
+
+def read_info_stamp(directory: str | Path) -> InfoStamp | None:
+    """What tells index.json from the one that replaces it, from one stat call; None when missing.
+
+    Each run writes a new file and renames it over the old one, so even a rebuild that starts again
+    at generation 1 gets a new inode.
+    """
+    try:
+        stat = (Path(directory) / INFO_FILE).stat()
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+
 def sync_path(path: Path) -> None:
     """Flush a file (or a directory's entries) to disk."""
     # Data on disk before index.json names it, so that not even a power cut leaves a half index.

@@ -9,6 +9,8 @@ import sys
 import threading
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote
 
@@ -23,9 +25,10 @@ from component import retrieval as retrieval_component
 from component import retrieval_images, retrieval_server
 from component.encoding import encode_images, encode_texts, load_model_and_processor
 from component.retrieval import RetrievalIndex
-from component.retrieval_server import RetrievalServer
+from component.retrieval_server import RetrievalServer, ServedIndex
 from component.retrieval_store import LOCK_FILE, index_lock, read_info
 from component.tiny import write_bert_clip
+from datatools.atomic import write_json_atomic
 
 QUERIES = ["一只猫", "红色的汽车停在路边", "蓝天白云"]
 
@@ -450,16 +453,24 @@ def test_bad_inputs_are_one_line_errors(
 # --- the web API ---
 
 
-@pytest.fixture(scope="module")
-def server(built_index):
-    """The search page's server for `built_index` on a free loopback port."""
-    index = RetrievalIndex.load(built_index, device="cpu")
-    server = RetrievalServer(index, "127.0.0.1", 0, log_requests=False)
+@contextmanager
+def serving(index_dir: Path) -> Iterator[RetrievalServer]:
+    """The search page's server for an index directory, on a free loopback port."""
+    server = RetrievalServer(RetrievalIndex.load(index_dir, device="cpu"), "127.0.0.1", 0, log_requests=False)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="module")
+def server(built_index):
+    """The search page's server for `built_index`."""
+    with serving(built_index) as server:
+        yield server
 
 
 def fetch(server: RetrievalServer, path: str, body: bytes | None = None) -> tuple[int, bytes, str]:
@@ -512,13 +523,10 @@ def test_a_symbolic_link_out_of_the_folder_is_indexed_but_not_served(tmp_path, t
     draw_images(tmp_path, ["images/inside.png", "secret.png"])
     (tmp_path / "images" / "link.png").symlink_to(tmp_path / "secret.png")
     run_index(tiny_checkpoint, tmp_path / "images", tmp_path / "index")
-    server = RetrievalServer(RetrievalIndex.load(tmp_path / "index"), "127.0.0.1", 0, log_requests=False)
-    try:
-        assert sorted(server.filenames) == ["inside.png", "link.png"]
-        assert server.indexed_file("inside.png") == (tmp_path / "images" / "inside.png").resolve()
-        assert server.indexed_file("link.png") is None
-    finally:
-        server.server_close()
+    served = ServedIndex.of(RetrievalIndex.load(tmp_path / "index"))
+    assert sorted(served.filenames) == ["inside.png", "link.png"]
+    assert served.indexed_file("inside.png") == (tmp_path / "images" / "inside.png").resolve()
+    assert served.indexed_file("link.png") is None
 
 
 @pytest.mark.parametrize(
@@ -537,6 +545,97 @@ def test_bad_api_requests_get_json_errors(server, monkeypatch, path, body, statu
     got_status, got_body, content_type = fetch(server, path, body)
     assert (got_status, content_type) == (status, "application/json")
     assert json.loads(got_body)["error"]
+
+
+# --- the server after a later index run ---
+
+
+def api_filenames(server: RetrievalServer, text: str = "一只猫", top_k: int = 20) -> list[str]:
+    """The filenames the text search API ranks, best first."""
+    status, body, _ = fetch(server, f"/api/search?top_k={top_k}&text=" + quote(text))
+    assert status == 200
+    return [result["filename"] for result in json.loads(body)["results"]]
+
+
+@pytest.fixture
+def grown_images(tmp_path, tiny_checkpoint, collection) -> Path:
+    """A copy of `collection` indexed into tmp_path/index; the test may add images to it."""
+    images = tmp_path / "images"
+    shutil.copytree(collection, images)
+    run_index(tiny_checkpoint, images, tmp_path / "index")
+    return images
+
+
+def test_the_server_searches_a_later_index_run_without_a_restart(
+    capsys, tmp_path, tiny_checkpoint, grown_images
+):
+    with serving(tmp_path / "index") as server:
+        assert sorted(api_filenames(server)) == sorted(IMAGE_NAMES)
+        draw_images(grown_images, ["new/h.png", "i.jpg"], seed=1)
+        run_index(tiny_checkpoint, grown_images, tmp_path / "index")
+        found = api_filenames(server)
+        _, body, _ = fetch(server, "/api/search_image?top_k=1", (grown_images / "i.jpg").read_bytes())
+        assert json.loads(body)["results"][0]["filename"] == "i.jpg"
+        assert fetch(server, "/image?path=" + quote("new/h.png"))[0] == 200
+        assert b"10 images indexed" in fetch(server, "/")[1]
+    assert sorted(found) == sorted([*IMAGE_NAMES, "new/h.png", "i.jpg"])
+    assert f"reloaded {tmp_path / 'index'}: 10 images, generation 2" in capsys.readouterr().err
+    document = search_json(capsys, tmp_path / "index", "--text", "一只猫", "--top_k", "20")
+    assert found == [result["filename"] for result in document["results"]]
+
+
+def test_a_failed_reload_keeps_serving_the_old_index_and_says_why(capsys, tmp_path, grown_images):
+    info_path = tmp_path / "index" / "index.json"
+    good_info = json.loads(info_path.read_text(encoding="utf-8"))
+    with serving(tmp_path / "index") as server:
+        before = api_filenames(server)
+        write_json_atomic(info_path, {**good_info, "format_version": 99})
+        capsys.readouterr()
+        assert api_filenames(server) == before
+        assert "warning: cannot reload" in capsys.readouterr().err
+        assert api_filenames(server) == before
+        assert "cannot reload" not in capsys.readouterr().err  # tried once per index.json, not per request
+        write_json_atomic(info_path, good_info)
+        assert api_filenames(server) == before
+    error = capsys.readouterr().err
+    assert "reloaded" in error and "cannot reload" not in error
+
+
+def test_an_index_rebuilt_by_another_model_is_not_swapped_in(
+    capsys, tmp_path, tiny_checkpoint, other_checkpoint, grown_images
+):
+    with serving(tmp_path / "index") as server:
+        before = api_filenames(server)
+        shutil.rmtree(tmp_path / "index")
+        (grown_images / "a.png").unlink()
+        run_index(other_checkpoint, grown_images, tmp_path / "index")
+        capsys.readouterr()
+        assert api_filenames(server) == before  # the old files are gone, but still mapped
+    error = capsys.readouterr().err
+    assert "cannot reload" in error and "rebuilt with another model" in error
+    assert f"still serving its {len(IMAGE_NAMES)} images of generation 1" in error
+
+
+def test_searches_during_an_index_run_are_all_answered(tmp_path, tiny_checkpoint, grown_images):
+    answers, stop = [], threading.Event()
+
+    def search_repeatedly(server):
+        while not stop.is_set():
+            answers.append(len(api_filenames(server)))
+
+    with serving(tmp_path / "index") as server:
+        searchers = [threading.Thread(target=search_repeatedly, args=(server,)) for _ in range(3)]
+        for searcher in searchers:
+            searcher.start()
+        draw_images(grown_images, ["new/h.png", "i.jpg"], seed=1)
+        try:
+            run_index(tiny_checkpoint, grown_images, tmp_path / "index")
+        finally:
+            stop.set()
+            for searcher in searchers:
+                searcher.join(60)
+        assert len(api_filenames(server)) == len(IMAGE_NAMES) + 2
+    assert answers and set(answers) <= {len(IMAGE_NAMES), len(IMAGE_NAMES) + 2}
 
 
 # --- the benchmark ---
