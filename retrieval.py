@@ -19,10 +19,11 @@ from pathlib import Path
 from component.cli import pick_device, positive_int
 from component.encoding import InputError
 from component.interop import CheckpointError
-from component.retrieval import INDEX_TYPES, RetrievalIndex, SearchResult, results_document
+from component.retrieval import RetrievalIndex, SearchResult, results_document
 from component.retrieval_images import images_in_csv, images_in_directory
 from component.retrieval_server import serve
 from component.retrieval_store import EMBEDDING_DTYPES
+from component.retrieval_vectors import INDEX_TYPES
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
