@@ -335,6 +335,23 @@ def test_interrupted_update_leaves_the_previous_index_whole(
     assert len(list((tmp_path / "index").iterdir())) == 5  # the interrupted run's files are gone
 
 
+def test_an_interrupted_first_run_leaves_a_directory_the_next_run_reuses(
+    capsys, tmp_path, tiny_checkpoint, collection, monkeypatch
+):
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(retrieval_component, "write_info", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_index(tiny_checkpoint, collection, tmp_path / "index")
+    assert (tmp_path / "index" / "embeddings-000001.npy").exists()
+    assert not (tmp_path / "index" / "index.json").exists()
+    monkeypatch.undo()
+    run_index(tiny_checkpoint, collection, tmp_path / "index")
+    assert f"indexed {len(IMAGE_NAMES)} new image(s)" in capsys.readouterr().out
+    assert len(list((tmp_path / "index").iterdir())) == 5
+
+
 # --- one index run at a time ---
 
 
