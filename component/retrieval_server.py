@@ -171,6 +171,7 @@ class ServedIndex:
 
     @classmethod
     def of(cls, index: RetrievalIndex) -> "ServedIndex":
+        """The index with its set of filenames and its resolved image root."""
         return cls(index, frozenset(index.metadata["filename"]), index.image_root.resolve())
 
     def indexed_file(self, filename: str) -> Path | None:
