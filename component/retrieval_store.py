@@ -16,7 +16,6 @@ A run writes new data files under a new generation number G and only then replac
 
 import fcntl
 import json
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -28,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from component.encoding import InputError
-from datatools.atomic import write_json_atomic
+from datatools.atomic import sync_path, write_json_atomic
 
 EmbeddingDtype = Literal["float16", "float32"]
 EMBEDDING_DTYPES: tuple[EmbeddingDtype, ...] = ("float16", "float32")
@@ -93,21 +92,9 @@ def read_info_stamp(directory: str | Path) -> InfoStamp | None:
     return stat.st_ino, stat.st_mtime_ns, stat.st_size
 
 
-def sync_path(path: Path) -> None:
-    """Flush a file (or a directory's entries) to disk."""
-    # Data on disk before index.json names it, so that not even a power cut leaves a half index.
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
 def write_info(directory: Path, info: IndexInfo) -> None:
     """Replace index.json atomically (the shared temporary-file, sync and rename writer)."""
-    write_json_atomic(directory / INFO_FILE, asdict(info))
-    # The rename is on disk too before the caller deletes the generation it replaces.
-    sync_path(directory)
+    write_json_atomic(directory / INFO_FILE, asdict(info))  # synced, the rename included
 
 
 def data_file_name(kind: str, generation: int) -> str:

@@ -13,8 +13,9 @@ from typing import IO
 def atomic_file(path: str | Path, mode: str = "wb", sync: bool = True) -> Iterator[IO]:
     """A file that becomes `path` only when the block completes; on an error nothing is left.
 
-    sync: flush the data to disk before the rename, so a power cut cannot leave an empty file under
-    the final name. Bulk writers of many small, re-creatable files (downloaded images) skip it.
+    sync: flush the data to disk before the rename and the rename after it, so that a power cut
+    leaves the old file or the whole new one. Bulk writers of many small, re-creatable files
+    (downloaded images) skip it.
     """
     path = Path(path)
     # unique per call: threads of one process may write beside each other
@@ -30,6 +31,17 @@ def atomic_file(path: str | Path, mode: str = "wb", sync: bool = True) -> Iterat
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+    if sync:  # the rename too, so that a caller may delete what the new file replaces
+        sync_path(path.parent)
+
+
+def sync_path(path: str | Path) -> None:
+    """Flush a file's data, or a directory's entries, to disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def write_json_atomic(path: str | Path, data) -> None:
