@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random towers and checkpoints built locally, never from the hub."""
 
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from component.demo import all_combinations, write_split
 from component.model import BertCLIPModel
 from component.tiny import write_bert_clip, write_tiny_bert, write_tiny_clip
 
@@ -32,3 +34,15 @@ def tiny_checkpoint(tiny_towers, tmp_path_factory) -> Path:
 def tiny_model(tiny_checkpoint) -> BertCLIPModel:
     """A fresh copy of the tiny BertCLIP model in eval mode."""
     return BertCLIPModel.from_pretrained(tiny_checkpoint).eval()
+
+
+@pytest.fixture(scope="session")
+def shapes(tmp_path_factory) -> Path:
+    """40 training and 16 test images of coloured shapes with Chinese captions (train.csv, test.csv)."""
+    directory = tmp_path_factory.mktemp("perf_shapes")
+    rng = random.Random(1)
+    write_split(
+        directory, "train", [rng.choice(all_combinations()) for _ in range(40)], rng, vary_template=True
+    )
+    write_split(directory, "test", all_combinations()[:16], rng, vary_template=False)
+    return directory

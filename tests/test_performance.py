@@ -1,6 +1,5 @@
 """Performance features keep results exact: gradient caching, cached image features, draft decoding."""
 
-import random
 from pathlib import Path
 
 import numpy as np
@@ -13,23 +12,11 @@ from transformers import TrainerCallback
 import train_clip
 from component.argument import parse_train_args
 from component.dataset import ImageTextDataset, read_image_text_csv
-from component.demo import all_combinations, write_split
 from component.feature_cache import CachedImageTextDataset, load_or_build_cache
 from component.grad_cache import gradient_cached_backward, split_batch
 from component.model import BertCLIPModel
 from component.processor import ImageTransform, load_processor
 from component.training import run_training
-
-
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("perf_shapes")
-    rng = random.Random(1)
-    write_split(
-        directory, "train", [rng.choice(all_combinations()) for _ in range(40)], rng, vary_template=True
-    )
-    write_split(directory, "test", all_combinations()[:16], rng, vary_template=False)
-    return directory
 
 
 def no_dropout_model(checkpoint) -> BertCLIPModel:
@@ -170,3 +157,26 @@ def test_torch_compile_run_trains(tiny_towers, shapes, tmp_path):
                   torch_compile=True, torch_compile_backend="aot_eager")  # fmt: skip
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
     assert np.isfinite(metrics["train_loss"]) and np.isfinite(metrics["eval_loss"])
+
+
+class CheckpointingFlags(TrainerCallback):
+    """Whether each tower's encoder layers recompute their activations, as training starts."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.flags = {
+            "text": all(layer.gradient_checkpointing for layer in model.text_model.encoder.layer),
+            "vision": all(layer.gradient_checkpointing for layer in model.vision_model.encoder.layers),
+        }
+
+
+def test_gradient_checkpointing_trains_both_towers_exactly_as_without(tiny_towers, shapes, tmp_path):
+    full = {"freeze_vision_model": False, "freeze_vision_projection": False, "max_steps": 3}
+    plain = run(tiny_towers, shapes, tmp_path / "plain", **full)
+    probe = CheckpointingFlags()
+    arg_file = write_run_args(
+        tiny_towers, shapes, tmp_path / "checkpointed", gradient_checkpointing=True, **full
+    )
+    checkpointed = run_training(*parse_train_args(arg_file), extra_callbacks=(probe,))
+    assert probe.flags == {"text": True, "vision": True}
+    assert checkpointed["train_loss"] == pytest.approx(plain["train_loss"], rel=1e-5)
+    assert checkpointed["eval_loss"] == pytest.approx(plain["eval_loss"], rel=1e-5)
