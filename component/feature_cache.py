@@ -3,15 +3,20 @@
 The cache is a memory-mapped float16 array of projected (not normalised) image features, one
 row per CSV row, plus a mask of rows whose image failed to load. Its name is a hash of the image
 tower's weights, the preprocessing and the image list, so a changed model or CSV gets a new cache.
+
+Under torchrun every process computes one contiguous share of the rows and saves it as a part
+file; the first process joins the parts. A part survives an interruption and is not computed again.
 """
 
 import hashlib
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from component.dataset import ImageTextDataset, ImageTextRows, coprime_stride
@@ -54,52 +59,111 @@ class _RowImages(Dataset):
 def _collate(items):
     indices = [i for i, image in items if image is not None]
     images = [image for _, image in items if image is not None]
-    bad = [i for i, image in items if image is None]
-    return indices, images, bad
+    return indices, images
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's share of the rows, and a barrier across the processes that build one cache."""
+
+    rank: int = 0
+    world_size: int = 1
+    barrier: Callable[[], None] = lambda: None
+
+    def rows(self, count: int) -> range:
+        """A contiguous range; the ranges of all ranks cover `count` rows once."""
+        return range(count * self.rank // self.world_size, count * (self.rank + 1) // self.world_size)
 
 
 @torch.inference_mode()
-def compute_image_features(model, dataset: ImageTextDataset, batch_size: int, num_workers: int, device):
-    """Projected features [rows, dim] (float16) and a mask of rows whose image loaded."""
-    features = np.zeros((len(dataset), model.config.projection_dim), dtype=np.float16)
-    valid = np.zeros(len(dataset), dtype=bool)
+def compute_image_features(model, dataset: ImageTextDataset, batch_size: int, num_workers: int, device,
+                           rows: range | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Projected features [len(rows), dim] (float16) of `rows` (default: all), and a mask of the rows
+    whose image loaded."""
+    rows = rows if rows is not None else range(len(dataset))
+    features = np.zeros((len(rows), model.config.projection_dim), dtype=np.float16)
+    valid = np.zeros(len(rows), dtype=bool)
     loader = DataLoader(
-        _RowImages(dataset), batch_size=batch_size, num_workers=num_workers, collate_fn=_collate
+        Subset(_RowImages(dataset), rows), batch_size=batch_size, num_workers=num_workers, collate_fn=_collate
     )
     use_bf16 = torch.device(device).type == "cuda"
     was_training = model.training
     model.eval()
-    for indices, images, _ in tqdm(loader, desc="caching image features", unit="batch"):
+    for indices, images in tqdm(loader, desc="caching image features", unit="batch"):
         if not indices:
             continue
+        positions = np.asarray(indices) - rows.start
         pixel_values = dataset.transform.to_pixel_values(images, device)
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=use_bf16):
             batch_features = model.get_image_features(pixel_values)
-        features[indices] = batch_features.float().cpu().numpy()
-        valid[indices] = True
+        features[positions] = batch_features.float().cpu().numpy()
+        valid[positions] = True
     model.train(was_training)
     return features, valid
 
 
-def load_or_build_cache(model, dataset: ImageTextDataset, cache_dir: str | Path, batch_size: int,
-                        num_workers: int, device) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """The cached features and valid mask for `dataset`, computed on first use."""
+def _save_arrays(path: Path, **arrays: np.ndarray) -> None:
+    with atomic_file(path) as file:
+        np.savez(file, **arrays)
+
+
+def _join_parts(parts: list[Path], dim: int, features_path: Path, valid_path: Path) -> np.ndarray:
+    """Write the parts' features, in order, as one .npy file, holding one part in memory at a time."""
+    valid = np.concatenate([np.load(part)["valid"] for part in parts])  # reads only that member
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False,
+              "shape": (len(valid), dim)}  # fmt: skip
+    with atomic_file(features_path) as file:
+        np.lib.format.write_array_header_1_0(file, header)
+        for part in parts:
+            with np.load(part) as arrays:
+                file.write(np.ascontiguousarray(arrays["features"], dtype=np.float16).tobytes())
+    with atomic_file(valid_path) as file:
+        np.save(file, valid)
+    return valid
+
+
+def load_or_build_cache(
+    model,
+    dataset: ImageTextDataset,
+    cache_dir: str | Path,
+    batch_size: int,
+    num_workers: int,
+    device,
+    shard: Shard | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The cached features and valid mask for `dataset`, computed on first use.
+
+    Every process that shares the cache calls this with its `shard` (default: a single process);
+    each computes its own rows.
+    """
+    shard = shard or Shard()
     cache_dir = Path(cache_dir)
     key = cache_key(model, dataset)
     features_path, valid_path = cache_dir / f"{key}.features.npy", cache_dir / f"{key}.valid.npy"
     meta_path = cache_dir / f"{key}.json"
-    if not meta_path.is_file():  # the metadata is written last: its presence marks a complete cache
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        features, valid = compute_image_features(model, dataset, batch_size, num_workers, device)
-        for path, array in ((features_path, features), (valid_path, valid)):
-            with atomic_file(path) as file:
-                np.save(file, array)
-        meta = {"rows": len(dataset), "dim": features.shape[1], "bad_rows": int((~valid).sum()),
+    if meta_path.is_file():  # the metadata is written last: its presence marks a complete cache
+        logger.info(f"reusing cached image features {features_path}")
+        return np.load(features_path, mmap_mode="r"), np.load(valid_path)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    parts = [cache_dir / f"{key}.part-{rank}-of-{shard.world_size}.npz" for rank in range(shard.world_size)]
+    if not parts[shard.rank].is_file():  # else computed before an interruption
+        rows = shard.rows(len(dataset))
+        features, valid = compute_image_features(model, dataset, batch_size, num_workers, device, rows)
+        _save_arrays(parts[shard.rank], features=features, valid=valid)
+    shard.barrier()
+    if shard.rank == 0:
+        missing = [str(part) for part in parts if not part.is_file()]
+        if missing:
+            raise RuntimeError(f"cache parts {missing} are missing: under torchrun on several machines, "
+                               "output_dir must be on a file system that all of them share")  # fmt: skip
+        valid = _join_parts(parts, model.config.projection_dim, features_path, valid_path)
+        meta = {"rows": len(dataset), "dim": model.config.projection_dim, "bad_rows": int((~valid).sum()),
                 "source": dataset.rows.source}  # fmt: skip
         write_json_atomic(meta_path, meta)
+        for part in cache_dir.glob(f"{key}.part-*.npz"):
+            part.unlink()
         logger.info(f"cached {len(dataset)} image features in {features_path}")
-    else:
-        logger.info(f"reusing cached image features {features_path}")
+    shard.barrier()
     return np.load(features_path, mmap_mode="r"), np.load(valid_path)
 
 

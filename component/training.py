@@ -2,15 +2,17 @@
 
 import logging
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from transformers import TrainingArguments, set_seed
 
 from component.argument import DataArguments, ModelArguments, TowerArguments
 from component.collator import ImageTextCollator
 from component.dataset import ImageTextDataset, read_image_text_csv
-from component.feature_cache import CachedImageTextDataset, load_or_build_cache
+from component.feature_cache import CachedImageTextDataset, Shard, load_or_build_cache
 from component.freezing import apply_tower_locks
 from component.model import BertCLIPModel
 from component.processor import ImageTransform, build_processor, check_tokenizer_fits, load_processor
@@ -26,6 +28,8 @@ from component.trainer import (
 )
 
 logger = logging.getLogger(__name__)
+
+CACHE_BARRIER_TIMEOUT = timedelta(hours=48)  # the slowest process's share of the cache pass
 
 
 def share_cpu_with_workers(training_args: TrainingArguments) -> None:
@@ -64,28 +68,31 @@ def build_datasets(data_args: DataArguments, transform: ImageTransform):
     return train, test
 
 
+def cache_shard() -> Shard:
+    """This process's share of the feature-cache work under torchrun, with a barrier that waits
+    as long as the cache pass takes (the training group's ddp_timeout would end it at 30 minutes)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return Shard()
+    group = dist.new_group(backend="gloo", timeout=CACHE_BARRIER_TIMEOUT)
+    return Shard(dist.get_rank(), dist.get_world_size(), lambda: dist.barrier(group=group))
+
+
 def cache_image_features(model, train_dataset, test_dataset, training_args: TrainingArguments):
-    """Swap pixel datasets for cached-feature datasets; the main process computes, others reuse."""
+    """Swap pixel datasets for cached-feature datasets; under torchrun each process computes a share."""
     cache_dir = Path(training_args.output_dir) / "image_feature_cache"
     model.to(training_args.device)
+    shard = cache_shard()
+    batch_size = max(training_args.per_device_eval_batch_size, training_args.per_device_train_batch_size)
     cached = []
-    with training_args.main_process_first(desc="caching image features"):
-        for dataset in (train_dataset, test_dataset):
-            if dataset is None:
-                cached.append(None)
-                continue
-            batch_size = max(
-                training_args.per_device_eval_batch_size, training_args.per_device_train_batch_size
-            )
-            features, valid = load_or_build_cache(
-                model,
-                dataset,
-                cache_dir,
-                batch_size,
-                training_args.dataloader_num_workers,
-                training_args.device,
-            )
-            cached.append(CachedImageTextDataset(dataset.rows, features, valid))
+    for dataset in (train_dataset, test_dataset):
+        if dataset is None:
+            cached.append(None)
+            continue
+        features, valid = load_or_build_cache(
+            model, dataset, cache_dir, batch_size, training_args.dataloader_num_workers,
+            training_args.device, shard,
+        )  # fmt: skip
+        cached.append(CachedImageTextDataset(dataset.rows, features, valid))
     return tuple(cached)
 
 

@@ -1,5 +1,6 @@
 """Performance features keep results exact: gradient caching, cached image features, draft decoding."""
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from transformers import TrainerCallback
 import train_clip
 from component.argument import parse_train_args
 from component.dataset import ImageTextDataset, read_image_text_csv
-from component.feature_cache import CachedImageTextDataset, load_or_build_cache
+from component.feature_cache import CachedImageTextDataset, Shard, load_or_build_cache
 from component.grad_cache import gradient_cached_backward, split_batch
 from component.model import BertCLIPModel
 from component.processor import ImageTransform, load_processor
@@ -180,3 +181,52 @@ def test_gradient_checkpointing_trains_both_towers_exactly_as_without(tiny_tower
     assert probe.flags == {"text": True, "vision": True}
     assert checkpointed["train_loss"] == pytest.approx(plain["train_loss"], rel=1e-5)
     assert checkpointed["eval_loss"] == pytest.approx(plain["eval_loss"], rel=1e-5)
+
+
+def shapes_dataset(checkpoint, shapes) -> ImageTextDataset:
+    transform = ImageTransform.from_processor(load_processor(checkpoint))
+    return ImageTextDataset(read_image_text_csv(shapes / "train.csv"), shapes / "images", transform)
+
+
+def test_two_ranks_build_the_same_cache_as_one_process(tiny_model, tiny_checkpoint, shapes, tmp_path):
+    dataset = shapes_dataset(tiny_checkpoint, shapes)
+    expected, expected_valid = load_or_build_cache(tiny_model, dataset, tmp_path / "one", 8, 0, "cpu")
+    barrier = threading.Barrier(2, timeout=60)
+    results = {}
+
+    def rank(number: int) -> None:
+        shard = Shard(number, 2, barrier.wait)
+        results[number] = load_or_build_cache(tiny_model, dataset, tmp_path / "two", 8, 0, "cpu", shard)
+
+    threads = [threading.Thread(target=rank, args=(number,)) for number in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for features, valid in results.values():
+        np.testing.assert_allclose(features, expected, atol=1e-3, rtol=1e-3)
+        np.testing.assert_array_equal(valid, expected_valid)
+    assert not list((tmp_path / "two").glob("*.part-*"))  # joined, then removed
+
+
+def test_a_part_computed_before_an_interruption_is_not_computed_again(
+    tiny_model, tiny_checkpoint, shapes, tmp_path, monkeypatch
+):
+    dataset = shapes_dataset(tiny_checkpoint, shapes)
+    single = Shard(0, 1)
+    import component.feature_cache as feature_cache
+
+    computed = []
+    original = feature_cache.compute_image_features
+    monkeypatch.setattr(feature_cache, "compute_image_features",
+                        lambda *args: computed.append(args[-1]) or original(*args))  # fmt: skip
+
+    def interrupt_after_the_part():
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        load_or_build_cache(tiny_model, dataset, tmp_path, 8, 0, "cpu", Shard(0, 1, interrupt_after_the_part))
+    assert len(list(tmp_path.glob("*.part-0-of-1.npz"))) == 1 and not list(tmp_path.glob("*.json"))
+    features, valid = load_or_build_cache(tiny_model, dataset, tmp_path, 8, 0, "cpu", single)
+    assert len(computed) == 1  # the second call joined the saved part
+    assert features.shape == (len(dataset), tiny_model.config.projection_dim) and valid.all()

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from _runs import tiny_run_args, write_args
@@ -321,6 +322,27 @@ def test_two_process_gloo_training(tiny_towers, shapes_data, tmp_path):
     assert state["global_step"] == 3
     assert json.loads((output / "eval_results.json").read_text())["eval_mean_recall"] > 0
     BertCLIPModel.from_pretrained(output)
+
+
+def test_two_processes_share_the_feature_cache_work(tiny_towers, shapes_data, tmp_path):
+    common = {"max_steps": 2, "cache_image_features": True}
+    single = tmp_path / "single"
+    train_clip.main(["--train_args_file", str(write_args(tmp_path / "s.json",
+                     **tiny_run_args(tiny_towers, shapes_data, single, **common)))])  # fmt: skip
+    output = tmp_path / "ddp"
+    values = tiny_run_args(tiny_towers, shapes_data, output, ddp_backend="gloo", **common)
+    args = write_args(tmp_path / "a.json", **values)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
+    command = [*launcher, str(free_port()), str(REPO / "train_clip.py"), "--train_args_file", str(args)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    cache, reference = output / "image_feature_cache", single / "image_feature_cache"
+    assert not list(cache.glob("*.part-*"))
+    names = sorted(path.name for path in reference.glob("*.npy"))
+    assert names == sorted(path.name for path in cache.glob("*.npy")) and len(names) == 4  # train, test
+    for name in names:
+        np.testing.assert_allclose(np.load(cache / name), np.load(reference / name), atol=1e-3, rtol=1e-3)
 
 
 def test_plateau_unlock_waits_for_patience(tiny_model):
