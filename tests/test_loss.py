@@ -82,7 +82,9 @@ def distributed_worker(rank, port, queue):
     for tensor in [loss, *grads]:
         dist.all_reduce(tensor)
         tensor /= WORLD
-    queue.put((rank, loss, grads))
+    # As numpy arrays, which pickle by value: a tensor would travel as a shared-memory file handle
+    # that the parent cannot open once this process has exited.
+    queue.put((rank, loss.numpy(), [grad.numpy() for grad in grads]))
     dist.destroy_process_group()
 
 
@@ -105,6 +107,6 @@ def test_two_rank_loss_and_gradients_equal_single_process():
         assert process.exitcode == 0
     expected_loss, expected_grads = loss_and_grads(*tower_inputs())
     for _, loss, grads in results:
-        torch.testing.assert_close(loss, expected_loss, atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(torch.from_numpy(loss), expected_loss, atol=1e-10, rtol=1e-10)
         for got, want in zip(grads, expected_grads, strict=True):
-            torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+            torch.testing.assert_close(torch.from_numpy(got), want, atol=1e-10, rtol=1e-10)
