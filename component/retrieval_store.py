@@ -18,9 +18,9 @@ import fcntl
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args, get_origin
 
 import faiss
 import numpy as np
@@ -69,11 +69,27 @@ def read_info(directory: str | Path) -> IndexInfo | None:
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError(f"a JSON {type(data).__name__}, not an object")
         if data.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"format version {data.get('format_version')}, expected {FORMAT_VERSION}")
-        return IndexInfo(**data)
+        info = IndexInfo(**data)
+        check_field_types(info)
+        return info
     except (OSError, ValueError, TypeError) as error:
         raise InputError(f"{path}: not a usable index description ({error}); rebuild the index") from error
+
+
+def check_field_types(info: IndexInfo) -> None:
+    """Raise ValueError naming the first field of `info` whose value is not of its declared type."""
+    for item in fields(IndexInfo):
+        value = getattr(info, item.name)
+        if get_origin(item.type) is Literal:
+            valid = value in get_args(item.type)
+        else:
+            valid = isinstance(value, get_origin(item.type) or item.type)
+        if not valid:
+            raise ValueError(f"{item.name} is {value!r}")
 
 
 InfoStamp = tuple[int, int, int]  # index.json's inode, modification time (ns) and size

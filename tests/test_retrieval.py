@@ -467,6 +467,33 @@ def test_bad_inputs_are_one_line_errors(
     assert error.startswith("error: ") and message in error
 
 
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("[]", "a JSON list, not an object"),
+        ("null", "a JSON NoneType, not an object"),
+        ("{", "Expecting property name"),
+        ('{"format_version": 2}', "format version 2"),
+        ("files=null", "files is None"),  # a field of the right name with a value of the wrong type
+    ],
+)
+def test_a_damaged_index_json_is_a_one_line_error(capsys, tmp_path, built_index, content, message):
+    shutil.copytree(built_index, tmp_path / "index")
+    info_path = tmp_path / "index" / "index.json"
+    if content == "files=null":
+        content = json.dumps({**json.loads(info_path.read_text(encoding="utf-8")), "files": None})
+    info_path.write_text(content, encoding="utf-8")
+    error = run_error(capsys, ["search", "--index", str(tmp_path / "index"), "--text", "猫"])
+    assert error.startswith(f"error: {info_path}: not a usable index description") and message in error
+
+
+def test_an_index_with_a_missing_data_file_is_an_error(capsys, tmp_path, built_index):
+    shutil.copytree(built_index, tmp_path / "index")
+    (tmp_path / "index" / read_info(tmp_path / "index").files["metadata"]).unlink()
+    error = run_error(capsys, ["search", "--index", str(tmp_path / "index"), "--text", "猫"])
+    assert "the index files are missing or damaged" in error
+
+
 # --- the web API ---
 
 
