@@ -22,7 +22,6 @@ from component.encoding import ImageInput, InputError, encode_images, encode_tex
 from component.processor import ImageTransform
 from component.retrieval_images import ImageSource, encode_image_files
 from component.retrieval_store import (
-    INFO_FILE,
     EmbeddingDtype,
     IndexInfo,
     InfoStamp,
@@ -30,6 +29,7 @@ from component.retrieval_store import (
     data_file_name,
     index_lock,
     read_data_files,
+    read_index_files,
     read_info,
     read_info_stamp,
     read_vectors,
@@ -300,14 +300,16 @@ class RetrievalIndex:
         server reads it into memory instead (`memory_map=False`), for steady latency.
         """
         directory = Path(directory)
-        stamp = read_info_stamp(directory)  # before reading: a later replacement then shows as a change
-        info = read_info(directory)
-        if info is None:
-            raise InputError(
-                f"{directory}: not a retrieval index (no {INFO_FILE}); build one with `retrieval.py index`"
-            )
-        embeddings, metadata = read_data_files(directory, info)
-        vectors = read_vectors(directory, info, memory_map)
+        for attempt in (1, 2):
+            stamp = read_info_stamp(directory)  # before reading: a later replacement then shows as a change
+            try:
+                info, embeddings, metadata, vectors = read_index_files(directory, memory_map)
+                break
+            except InputError:
+                # An index run may have replaced index.json and deleted the files it named while
+                # they were read: then read the new one, once.
+                if attempt == 2 or read_info_stamp(directory) == stamp:
+                    raise
         return cls(
             directory, info, metadata, embeddings, vectors, None, None, model_name_or_path, device, stamp
         )

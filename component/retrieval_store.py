@@ -229,3 +229,16 @@ def read_vectors(directory: Path, info: IndexInfo, memory_map: bool = True) -> f
     if vectors.ntotal != info.count:
         raise InputError(f"{directory}: the faiss index disagrees with {INFO_FILE}; rebuild the index")
     return vectors
+
+
+def read_index_files(
+    directory: Path, memory_map: bool = True
+) -> tuple[IndexInfo, np.ndarray, pd.DataFrame, faiss.Index]:
+    """index.json and the embeddings, metadata and faiss index it names (see `read_vectors`)."""
+    info = read_info(directory)
+    if info is None:
+        raise InputError(
+            f"{directory}: not a retrieval index (no {INFO_FILE}); build one with `retrieval.py index`"
+        )
+    embeddings, metadata = read_data_files(directory, info)
+    return info, embeddings, metadata, read_vectors(directory, info, memory_map)

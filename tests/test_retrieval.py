@@ -22,7 +22,7 @@ from PIL import Image
 import retrieval
 from benchmarks import bench_retrieval
 from component import retrieval as retrieval_component
-from component import retrieval_images, retrieval_server
+from component import retrieval_images, retrieval_server, retrieval_store
 from component.encoding import encode_images, encode_texts, load_model_and_processor
 from component.retrieval import RetrievalIndex
 from component.retrieval_server import RetrievalServer, ServedIndex
@@ -485,6 +485,25 @@ def test_a_damaged_index_json_is_a_one_line_error(capsys, tmp_path, built_index,
     info_path.write_text(content, encoding="utf-8")
     error = run_error(capsys, ["search", "--index", str(tmp_path / "index"), "--text", "猫"])
     assert error.startswith(f"error: {info_path}: not a usable index description") and message in error
+
+
+def test_a_load_that_an_index_run_overtakes_reads_the_new_index(
+    monkeypatch, tmp_path, tiny_checkpoint, grown_images
+):
+    # The run replaces index.json and deletes the data files of the one already read.
+    draw_images(grown_images, ["new/h.png", "i.jpg"], seed=1)
+    original_read_data_files = retrieval_store.read_data_files
+    overtaken = []
+
+    def overtaken_read_data_files(directory, info):
+        if not overtaken:
+            overtaken.append(info.generation)
+            run_index(tiny_checkpoint, grown_images, directory)
+        return original_read_data_files(directory, info)
+
+    monkeypatch.setattr(retrieval_store, "read_data_files", overtaken_read_data_files)
+    index = RetrievalIndex.load(tmp_path / "index")
+    assert overtaken == [1] and (index.info.generation, len(index)) == (2, len(IMAGE_NAMES) + 2)
 
 
 def test_an_index_with_a_missing_data_file_is_an_error(capsys, tmp_path, built_index):
