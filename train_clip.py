@@ -9,10 +9,10 @@ import logging
 import sys
 
 from component.argument import ArgumentError, describe_arguments, parse_train_args
+from component.dataset import BadImageError, DataError
 from component.interop import CheckpointError
-from component.trainer import BadImageError
 
-USER_ERRORS = (ArgumentError, CheckpointError, FileNotFoundError, BadImageError)
+USER_ERRORS = (ArgumentError, CheckpointError, DataError, FileNotFoundError, BadImageError)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -34,12 +34,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     try:
         return run_training(*parse_train_args(options.train_args_file))
-    except USER_ERRORS as error:
+    except USER_ERRORS as error:  # what the user must fix; anything else is a bug and keeps its traceback
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2 if not isinstance(error, BadImageError) else 1) from None
-    except ValueError as error:  # bad CSV content, tokenizer/model mismatch
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -179,6 +179,22 @@ def known_keys() -> set[str]:
     return {f.name for cls in ARGUMENT_CLASSES for f in fields(cls) if f.init}
 
 
+def check_deepspeed_conflicts(path: str | Path, values: dict) -> None:
+    """Refuse the toolkit features that DeepSpeed's engine does not support."""
+    if not values.get("deepspeed"):
+        return
+    if values.get("unlock_vision_at") is not None:
+        raise ArgumentError(
+            f"{path}: unlock_vision_at is not supported with deepspeed; train the second stage as its own "
+            "run (see train_args/train_clip_stage2.json)"
+        )
+    if values.get("contrastive_accumulation_steps", 1) != 1:
+        raise ArgumentError(
+            f"{path}: contrastive_accumulation_steps is not supported with deepspeed (ZeRO partitions "
+            "the gradients that gradient caching accumulates); use DDP through torchrun instead"
+        )
+
+
 def parse_train_args(
     path: str | Path, overrides: dict | None = None
 ) -> tuple[ModelArguments, DataArguments, TowerArguments, TrainingArguments]:
@@ -203,6 +219,7 @@ def parse_train_args(
     values = {**TRAINING_DEFAULTS, **values, **(overrides or {})}
     values.setdefault("dataloader_persistent_workers", values["dataloader_num_workers"] > 0)
     values["remove_unused_columns"] = False  # the collator needs the raw text and image columns
+    check_deepspeed_conflicts(path, values)  # before TrainingArguments, which sets up DeepSpeed
     try:
         model_args, data_args, tower_args, training_args = HfArgumentParser(ARGUMENT_CLASSES).parse_dict(
             values
@@ -211,10 +228,11 @@ def parse_train_args(
         raise ArgumentError(f"{path}: {error}") from error
     except (ValueError, TypeError) as error:
         raise ArgumentError(f"{path}: {error}") from error
-    if tower_args.unlock_vision_at is not None and training_args.deepspeed:
+    if training_args.per_device_train_batch_size < tower_args.contrastive_accumulation_steps:
         raise ArgumentError(
-            f"{path}: unlock_vision_at is not supported with deepspeed; train the second stage as its own "
-            "run (see train_args/train_clip_stage2.json)"
+            f"{path}: per_device_train_batch_size {training_args.per_device_train_batch_size} is smaller "
+            f"than contrastive_accumulation_steps {tower_args.contrastive_accumulation_steps}; each "
+            "micro-batch needs at least one row"
         )
     if tower_args.unlock_vision_at == "plateau" and not data_args.test_file:
         raise ArgumentError(f"{path}: unlock_vision_at 'plateau' needs a test_file to measure recall on")

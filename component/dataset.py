@@ -54,6 +54,10 @@ class ImageTextRows:
         return len(self.texts)
 
 
+class DataError(ValueError):
+    """A training or test CSV the user must fix; the message names the file."""
+
+
 def read_image_text_csv(path: str | Path) -> ImageTextRows:
     """Read `text` and `filename` columns (others ignored); rows with missing or blank text are dropped."""
     path = Path(path)
@@ -62,17 +66,17 @@ def read_image_text_csv(path: str | Path) -> ImageTextRows:
     try:
         frame = pd.read_csv(path, usecols=lambda c: c in REQUIRED_COLUMNS, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as error:
-        raise ValueError(f"{path}: cannot be read as CSV ({error})") from error
+        raise DataError(f"{path}: cannot be read as CSV ({error})") from error
     missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
     if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; expected a header with text and filename")
+        raise DataError(f"{path}: missing column(s) {missing}; expected a header with text and filename")
     keep = (frame["text"].str.strip() != "") & (frame["filename"].str.strip() != "")
     dropped = int((~keep).sum())
     if dropped:
         logger.warning(f"{path}: dropped {dropped} row(s) with blank text or filename")
     frame = frame[keep]
     if frame.empty:
-        raise ValueError(f"{path}: no rows with both text and filename")
+        raise DataError(f"{path}: no rows with both text and filename")
     return ImageTextRows(StringColumn(frame["text"]), StringColumn(frame["filename"]), str(path), dropped)
 
 

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from component.dataset import ImageTextDataset, ImageTextRows, coprime_stride
+from component.dataset import BadImageError, ImageTextDataset, ImageTextRows, coprime_stride
 from datatools.atomic import atomic_file, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -172,7 +172,7 @@ class CachedImageTextDataset(Dataset):
 
     def __init__(self, rows: ImageTextRows, features: np.ndarray, valid: np.ndarray):
         if not valid.any():
-            raise RuntimeError(f"{rows.source}: no image could be loaded; is image_path right?")
+            raise BadImageError(f"{rows.source}: no image could be loaded; is image_path right?")
         self.rows = rows
         self.features = features
         self.valid = valid

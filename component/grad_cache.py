@@ -17,8 +17,10 @@ EMBEDDING_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "pixel_valu
 
 
 def split_batch(batch: dict, chunks: int) -> list[dict]:
-    """Split the model inputs of a batch into `chunks` micro-batches along the first dimension."""
+    """Split the model inputs of a batch into `chunks` micro-batches along the first dimension;
+    fewer when the batch has fewer rows (an epoch's last batch), so that none is empty."""
     inputs = {k: v for k, v in batch.items() if k in EMBEDDING_INPUTS and v is not None}
+    chunks = min(chunks, len(next(iter(inputs.values()))))
     pieces = {k: torch.tensor_split(v, chunks) for k, v in inputs.items()}
     return [{k: pieces[k][i] for k in inputs} for i in range(chunks)]
 

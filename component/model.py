@@ -12,7 +12,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput, logging
 
 from component.configuration import BertCLIPConfig
-from component.interop import read_config_dict, report_loading_info
+from component.interop import CheckpointError, read_config_dict, report_loading_info
 from component.loss import contrastive_loss
 
 logger = logging.get_logger(__name__)
@@ -189,7 +189,7 @@ class BertCLIPModel(BertCLIPPreTrainedModel):
         )
         model = cls(config)
         if config.projection_dim != clip.config.projection_dim:
-            raise ValueError(
+            raise CheckpointError(
                 f"projection_dim={config.projection_dim} differs from {clip_path}'s "
                 f"{clip.config.projection_dim}; the CLIP visual projection could not be reused"
             )
@@ -199,7 +199,7 @@ class BertCLIPModel(BertCLIPPreTrainedModel):
             model.logit_scale.copy_(clip.logit_scale)
         result = model.text_model.load_state_dict(bert.state_dict(), strict=False)
         if result.missing_keys:
-            raise ValueError(f"{bert_path} lacks text-tower weights: {result.missing_keys}")
+            raise CheckpointError(f"{bert_path} lacks text-tower weights: {result.missing_keys}")
         if result.unexpected_keys:
             logger.warning(
                 f"Not used from {bert_path} (text_pooling={config.text_pooling!r}): {result.unexpected_keys}"

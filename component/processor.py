@@ -13,6 +13,8 @@ from transformers import (
     VisionTextDualEncoderProcessor,
 )
 
+from component.interop import CheckpointError
+
 
 def build_processor(clip_path: str | Path, bert_path: str | Path) -> VisionTextDualEncoderProcessor:
     """The tokenizer from the BERT checkpoint and the image processor from the CLIP checkpoint."""
@@ -30,7 +32,7 @@ def check_tokenizer_fits(tokenizer, model, source: str | Path) -> None:
     """Refuse a tokenizer that can produce ids beyond the text tower's embedding table."""
     vocab_size = model.config.text_config.vocab_size
     if len(tokenizer) > vocab_size:
-        raise ValueError(
+        raise CheckpointError(
             f"{source}: the tokenizer has {len(tokenizer)} tokens but the text tower's vocab_size is "
             f"{vocab_size}; use the tokenizer saved with this model (or its BERT checkpoint)"
         )

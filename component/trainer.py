@@ -121,6 +121,15 @@ class CLIPTrainer(Trainer):
                 dist.all_reduce(parameter.grad)
                 parameter.grad /= dist.get_world_size()
 
+    def get_eval_dataloader(self, eval_dataset=None):
+        # Every test row is scored: dataloader_drop_last is meant for training batches, and the
+        # Trainer would apply it here too (dropping the whole test set when it is under one batch).
+        drop_last, self.args.dataloader_drop_last = self.args.dataloader_drop_last, False
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.args.dataloader_drop_last = drop_last
+
     @torch.no_grad()
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
         """eval_loss plus image<->text recall@1/5/10 over the whole test set."""
@@ -239,6 +248,8 @@ class CheckpointMarkerCallback(TrainerCallback):
     """Mark a checkpoint complete once every file of it is written, so a resume never picks a torn one."""
 
     def on_save(self, args, state, control, **kwargs):
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # every rank has written its part (RNG state, optimizer shards)
         if not args.should_save:
             return
         directory = Path(args.output_dir) / f"checkpoint-{state.global_step}"

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from transformers import TrainingArguments, set_seed
 
-from component.argument import DataArguments, ModelArguments, TowerArguments
+from component.argument import ArgumentError, DataArguments, ModelArguments, TowerArguments
 from component.collator import ImageTextCollator
 from component.dataset import ImageTextDataset, read_image_text_csv
 from component.feature_cache import CachedImageTextDataset, Shard, load_or_build_cache
@@ -38,6 +38,17 @@ def share_cpu_with_workers(training_args: TrainingArguments) -> None:
         return
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     torch.set_num_threads(max(1, cores - training_args.dataloader_num_workers))
+
+
+def check_one_process_per_gpu(training_args: TrainingArguments) -> None:
+    """Refuse one process driving several GPUs: the Trainer would use DataParallel, and each GPU's
+    loss would see only its slice of the batch as negatives."""
+    if training_args.n_gpu > 1:
+        raise ArgumentError(
+            f"{training_args.n_gpu} GPUs are visible to one process; launch one process per GPU with "
+            f"`torchrun --nproc_per_node {training_args.n_gpu} train_clip.py ...`, or set "
+            "CUDA_VISIBLE_DEVICES to a single GPU"
+        )
 
 
 def build_model_and_processor(model_args: ModelArguments):
@@ -113,6 +124,7 @@ def run_training(
 ) -> dict:
     """Train, evaluate and save; re-running the same arguments resumes from the newest complete checkpoint."""
     # 1. Model, processor and data; seeded first so that new weights (the text projection) repeat.
+    check_one_process_per_gpu(training_args)
     set_seed(training_args.seed)
     share_cpu_with_workers(training_args)
     model, processor = build_model_and_processor(model_args)

@@ -230,3 +230,12 @@ def test_a_part_computed_before_an_interruption_is_not_computed_again(
     features, valid = load_or_build_cache(tiny_model, dataset, tmp_path, 8, 0, "cpu", single)
     assert len(computed) == 1  # the second call joined the saved part
     assert features.shape == (len(dataset), tiny_model.config.projection_dim) and valid.all()
+
+
+def test_a_batch_smaller_than_the_accumulation_steps_is_split_without_empty_chunks(tiny_checkpoint, shapes):
+    batch = batch_of(tiny_checkpoint, shapes, size=2)  # an epoch's short last batch, with K = 4
+    micro_batches = split_batch(batch, 4)
+    assert [len(chunk["input_ids"]) for chunk in micro_batches] == [1, 1]
+    model = no_dropout_model(tiny_checkpoint)
+    loss = gradient_cached_backward(model, model.logit_scale, micro_batches, loss_scale=1.0)
+    assert torch.isfinite(loss)

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ from component.metrics import retrieval_metrics
 from component.model import BertCLIPModel
 from component.processor import ImageTransform, load_processor
 from component.trainer import BadImageError, BadImageTracker, newest_complete_checkpoint
+from component.training import run_training
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -87,6 +89,30 @@ def test_bad_values_fail_with_the_value(tmp_path, key, value, message):
     path = write_args(tmp_path / "a.json", output_dir="o", train_file="t.csv", image_path="i", **{key: value})
     with pytest.raises(ArgumentError, match=message):
         parse_train_args(path)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"per_device_train_batch_size": 2, "contrastive_accumulation_steps": 4}, "smaller than"),
+        ({"deepspeed": "train_args/deepspeed/zero2.json", "contrastive_accumulation_steps": 2},
+         "contrastive_accumulation_steps is not supported with deepspeed"),
+        ({"deepspeed": "train_args/deepspeed/zero2.json", "unlock_vision_at": 100},
+         "unlock_vision_at is not supported with deepspeed"),
+    ],
+)  # fmt: skip
+def test_gradient_caching_conflicts_are_refused(tmp_path, values, message):
+    path = write_args(tmp_path / "a.json", output_dir="o", train_file="t.csv", image_path="i", **values)
+    with pytest.raises(ArgumentError, match=message):
+        parse_train_args(path)
+
+
+def test_one_process_driving_several_gpus_is_refused():
+    from component.training import check_one_process_per_gpu
+
+    with pytest.raises(ArgumentError, match="torchrun --nproc_per_node 2"):
+        check_one_process_per_gpu(types.SimpleNamespace(n_gpu=2))
+    check_one_process_per_gpu(types.SimpleNamespace(n_gpu=1))
 
 
 def test_cli_reports_argument_errors_without_traceback(tmp_path, capsys):
@@ -235,6 +261,19 @@ def test_lit_training_run_saves_everything(tiny_towers, shapes_data, tmp_path):
     assert torch.equal(start.visual_projection.weight, model.visual_projection.weight)
     assert not torch.equal(start.text_projection.weight, model.text_projection.weight)
     assert model.logit_scale.item() <= 4.6052
+
+
+def test_evaluation_scores_every_test_row_even_with_drop_last(tiny_towers, shapes_data, tmp_path):
+    # 20 test rows, eval batch 32: dropping the last batch would leave nothing to score
+    metrics = {}
+    for drop_last in (False, True):
+        values = tiny_run_args(tiny_towers, shapes_data, tmp_path / str(drop_last), max_steps=2,
+                               per_device_eval_batch_size=32, dataloader_drop_last=drop_last)  # fmt: skip
+        metrics[drop_last] = run_training(
+            *parse_train_args(write_args(tmp_path / f"{drop_last}.json", **values))
+        )
+    assert metrics[True]["eval_mean_recall"] == metrics[False]["eval_mean_recall"]
+    assert metrics[True]["eval_loss"] == pytest.approx(metrics[False]["eval_loss"], rel=1e-6)
 
 
 def test_unlock_at_step_trains_the_image_tower_afterwards(tiny_towers, shapes_data, tmp_path):
