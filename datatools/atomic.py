@@ -18,8 +18,9 @@ def atomic_file(path: str | Path, mode: str = "wb", sync: bool = True) -> Iterat
     (downloaded images) skip it.
     """
     path = Path(path)
-    # unique per call: threads of one process may write beside each other
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    # Hidden, and unique per call since threads of one process may write beside each other. It does
+    # not repeat `path.name`, so any name the file system takes (up to 255 bytes) can be written.
+    temporary = path.with_name(f".{uuid.uuid4().hex}.tmp")
     encoding = None if "b" in mode else "utf-8"
     try:
         with open(temporary, mode.replace("w", "x"), encoding=encoding) as file:

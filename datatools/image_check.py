@@ -297,7 +297,7 @@ class AtomicCsvWriter:
     def __init__(self, path: str | Path, fieldnames: Sequence[str]) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._temp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex}.part")
+        self._temp = self.path.with_name(f".{uuid.uuid4().hex}.part")  # short: any name fits
         self._file = open(self._temp, "x", newline="", encoding="utf-8")
         self._writer = csv.DictWriter(self._file, fieldnames, extrasaction="ignore")
         self._writer.writeheader()
