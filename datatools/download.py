@@ -28,6 +28,7 @@ from datatools.image_check import (
     decode_fully,
     iter_csv_rows,
     open_image,
+    reason_for_path_error,
 )
 
 REPORT_NAME = "download_report.json"
@@ -189,7 +190,8 @@ def plan_downloads(
     """Pair each row with its URL and target path, or with the outcome that needs no request.
 
     The outcome is `skipped` when the image already exists (a stored image is always complete),
-    else `missing_filename`, `unsafe_filename` or `bad_url`.
+    else a reason: `missing_filename`, `unsafe_filename`, `filename_too_long`, `unreadable` (the
+    path cannot be examined) or `bad_url`.
     """
     image_root = ImageRoot(output_dir)
     reserved = {image_root.root / REPORT_NAME, image_root.root / FAILED_NAME}
@@ -198,12 +200,20 @@ def plan_downloads(
             path = image_root.path(row.get("filename", ""))
             if path in reserved:
                 raise RejectedError("unsafe_filename", str(path))
-            if path.is_file():
+            if _is_stored(path):
                 yield row, "", SKIPPED
                 continue
             yield row, check_url(row.get("url", "")), path
         except RejectedError as error:
             yield row, "", error.reason
+
+
+def _is_stored(path: Path) -> bool:
+    """Whether `path` is a file; an error examining it fails only its own row."""
+    try:
+        return path.is_file()
+    except OSError as error:
+        raise RejectedError(reason_for_path_error(error), str(error)) from None
 
 
 def read_failed_filenames(output_dir: Path) -> set[str]:

@@ -5,6 +5,7 @@ Every failure is a `RejectedError` whose `reason` is a short stable identifier (
 """
 
 import csv
+import errno
 import multiprocessing
 import os
 import signal
@@ -23,6 +24,7 @@ from PIL import Image, UnidentifiedImageError
 DEFAULT_MAX_PIXELS = 89_478_485
 DEFAULT_MIN_SIDE = 10
 DEFAULT_MAX_ASPECT_RATIO = 10.0
+DEFAULT_NAME_MAX = 255  # bytes in one part of a path, on most file systems
 # Modes whose conversion to RGB is routine; anything else is converted once as part of the check.
 COMMON_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr"})
 
@@ -41,14 +43,20 @@ class ImageRoot:
 
     Refused (reason `unsafe_filename`): absolute names, `..` components, backslashes, NUL bytes,
     and names whose directory or file resolves (through symlinks) outside the root. A blank name
-    is `missing_filename`. Resolved directories are remembered, so a long CSV costs one lookup
-    per directory rather than one per row.
+    is `missing_filename`; a name with a part longer than the file system takes (255 bytes of
+    UTF-8, 85 Chinese characters, on most) is `filename_too_long`, and one whose path cannot be
+    examined (permission denied, an I/O error) is `unreadable`. Resolved directories are
+    remembered, so a long CSV costs one lookup per directory rather than one per row.
     """
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self._real_root = os.path.realpath(root)
         self._directory_is_inside: dict[str, bool] = {}
+        try:
+            self._name_max = os.pathconf(self._real_root, "PC_NAME_MAX")
+        except (OSError, ValueError):  # the root does not exist yet, or no such query here
+            self._name_max = DEFAULT_NAME_MAX
 
     def _is_inside(self, path: str) -> bool:
         real_path = os.path.realpath(os.path.join(self._real_root, path))
@@ -63,6 +71,8 @@ class ImageRoot:
         parts = [part for part in filename.split("/") if part not in ("", ".")]
         if not parts or ".." in parts:
             raise RejectedError("unsafe_filename", filename)
+        if any(len(os.fsencode(part)) > self._name_max for part in parts):
+            raise RejectedError("filename_too_long", filename)
         directory = "/".join(parts[:-1])
         inside = self._directory_is_inside.get(directory)
         if inside is None:
@@ -70,9 +80,18 @@ class ImageRoot:
             if len(self._directory_is_inside) < 100_000:
                 self._directory_is_inside[directory] = inside
         path = self.root.joinpath(*parts)
-        if not inside or (path.is_symlink() and not self._is_inside("/".join(parts))):
+        try:
+            escapes = not inside or (path.is_symlink() and not self._is_inside("/".join(parts)))
+        except OSError as error:
+            raise RejectedError(reason_for_path_error(error), str(error)) from None
+        if escapes:
             raise RejectedError("unsafe_filename", filename)
         return path
+
+
+def reason_for_path_error(error: OSError) -> str:
+    """The reason for an OSError from examining a row's path: `filename_too_long` or `unreadable`."""
+    return "filename_too_long" if error.errno == errno.ENAMETOOLONG else "unreadable"
 
 
 def safe_image_path(root: str | Path, filename: str) -> Path:

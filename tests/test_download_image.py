@@ -1,6 +1,7 @@
 """download_image.py end to end against a loopback server, and its fetch/convert pieces one by one."""
 
 import csv
+import errno
 import io
 import json
 import os
@@ -25,13 +26,14 @@ from PIL import Image
 import download_image
 from benchmarks import bench_download
 from datatools import resolve
-from datatools.download import store_image, to_training_jpeg
+from datatools.download import plan_downloads, store_image, to_training_jpeg
 from datatools.fetch import DownloadOptions, HttpPools, check_url, fetch_image, parse_retry_after
 from datatools.image_check import RejectedError, safe_image_path
 
 FAST = ["--timeout", "0.5", "--deadline", "1.5", "--retries", "2", "--backoff", "0.05", "--threads", "16"]
 SHORT_SIDE = 40
 JPEG_HEADERS = {"Content-Type": "image/jpeg"}
+LONG_NAME = "猫" * 90 + ".jpg"  # 274 bytes of UTF-8: more than a file name may have
 
 
 def animated_gif() -> bytes:
@@ -113,6 +115,8 @@ BAD = {  # filename: (url or route path, route or None, reason)
     "link/escape3.jpg": ("/jpeg.jpg", None, "unsafe_filename"),  # link/ points outside the output
     "download_report.json": ("/jpeg.jpg", None, "unsafe_filename"),
     "": ("/jpeg.jpg", None, "missing_filename"),
+    LONG_NAME: ("/jpeg.jpg", None, "filename_too_long"),
+    f"{LONG_NAME}/a.jpg": ("/jpeg.jpg", None, "filename_too_long"),
 }
 
 
@@ -219,6 +223,7 @@ def test_bad_row_is_reported_with_its_reason_and_leaves_no_file(first_run, filen
         and not filename.startswith("/")
         and ".." not in filename
         and filename != "download_report.json"
+        and expected_reason != "filename_too_long"  # cannot even be looked up
     ):
         assert not (first_run["output"] / filename).exists()
 
@@ -467,9 +472,29 @@ def test_safe_image_path_refuses_a_symlinked_file_pointing_outside(tmp_path):
         safe_image_path(tmp_path / "root", "link.jpg")
 
 
-@pytest.mark.parametrize("filename", ["a.jpg", "00/12/a.jpg", "./a.jpg", "a..b.jpg", "猫.jpg"])
+@pytest.mark.parametrize(
+    "filename", ["a.jpg", "00/12/a.jpg", "./a.jpg", "a..b.jpg", "猫.jpg", "猫" * 85, f"{'猫' * 85}/a.jpg"]
+)
 def test_safe_image_path_accepts_names_inside(tmp_path, filename):
     assert safe_image_path(tmp_path, filename).resolve().is_relative_to(tmp_path.resolve())
+
+
+@pytest.mark.parametrize("filename", [LONG_NAME, f"{LONG_NAME}/a.jpg", f"a/{'x' * 256}"])
+def test_safe_image_path_refuses_a_part_longer_than_the_file_system_takes(tmp_path, filename):
+    with pytest.raises(RejectedError, match="filename_too_long"):
+        safe_image_path(tmp_path, filename)
+
+
+def test_a_path_that_cannot_be_examined_fails_only_its_row(tmp_path, monkeypatch):
+    def is_symlink(path: Path) -> bool:
+        if path.name == "broken.jpg":
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        return False
+
+    monkeypatch.setattr(Path, "is_symlink", is_symlink)
+    rows = [{"url": "http://127.0.0.1/x.jpg", "filename": name} for name in ("broken.jpg", "fine.jpg")]
+    planned = [target for _, _, target in plan_downloads(rows, tmp_path)]
+    assert planned == ["unreadable", tmp_path / "fine.jpg"]
 
 
 def test_large_jpeg_is_shrunk_with_draft_decoding_to_the_exact_size():

@@ -35,6 +35,7 @@ ROWS = [  # text, filename, reason
     ("文字", "../outside.jpg", "unsafe_filename"),
     ("文字", "/etc/hostname", "unsafe_filename"),
     ("文字", "子目录", "missing_file"),  # a directory, not an image
+    ("文字", "猫" * 90 + ".jpg", "filename_too_long"),  # 274 bytes: no file can have this name
 ]
 LIMITS = ["--min_side", "10", "--max_aspect_ratio", "10", "--max_pixels", "1000000"]
 
