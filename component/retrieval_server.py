@@ -6,8 +6,9 @@
     GET  /thumbnail?path=F             a JPEG thumbnail (at most 256 px a side) of an indexed image
     GET  /image?path=F                 an indexed image file itself
 
-Only files that the index lists and that lie under its image root are served. A later index run
-into the same directory is picked up by the next request, without a restart.
+Only files that the index lists and that lie under its image root are served. Uploads and
+thumbnails of more than MAX_IMAGE_PIXELS pixels are refused before they are decoded. A later
+index run into the same directory is picked up by the next request, without a restart.
 """
 
 import json
@@ -26,11 +27,14 @@ from PIL import Image, ImageOps
 from component.encoding import InputError
 from component.retrieval import RetrievalIndex, results_document
 from component.retrieval_store import read_info_stamp
+from datatools.image_check import DEFAULT_MAX_PIXELS
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MAX_TOP_K = 100
 DEFAULT_TOP_K = 12
 THUMBNAIL_SIDE = 256
+MAX_IMAGE_PIXELS = DEFAULT_MAX_PIXELS  # a larger image would take 3 bytes a pixel, or more, to decode
+UPLOADS_DECODED_AT_ONCE = 2  # uploads decoded or searched at once: bounds their memory
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
 
 PAGE = """<!doctype html>
@@ -141,10 +145,36 @@ def parse_top_k(values: list[str] | None) -> int:
     return top_k
 
 
-def make_thumbnail(path: Path, side: int = THUMBNAIL_SIDE) -> bytes:
-    """A JPEG of the image scaled to fit in side x side, upright (EXIF orientation applied)."""
-    with Image.open(path) as image:
-        image.draft("RGB", (side, side))  # JPEGs decode at a reduced scale: much faster
+def open_image_within(
+    source: Path | BytesIO, max_pixels: int = MAX_IMAGE_PIXELS, draft_side: int | None = None
+) -> Image.Image:
+    """An image opened (its header read, no pixels decoded), refused with InputError when it has
+    more than `max_pixels` pixels.
+
+    Args:
+        draft_side: first set a JPEG to decode at the smallest scale (down to 1/8) that still covers
+            draft_side x draft_side; the pixels at that scale are what count.
+    """
+    try:
+        image = Image.open(source)
+    except Image.DecompressionBombError as error:  # over twice Pillow's own limit
+        raise InputError(f"image too large: {error}") from None
+    if draft_side is not None:
+        image.draft("RGB", (draft_side, draft_side))
+    width, height = image.size
+    if width * height > max_pixels:
+        image.close()
+        raise InputError(f"image too large: {width} x {height} pixels, the limit is {max_pixels}")
+    return image
+
+
+def make_thumbnail(path: Path, side: int = THUMBNAIL_SIDE, max_pixels: int = MAX_IMAGE_PIXELS) -> bytes:
+    """A JPEG of the image scaled to fit in side x side, upright (EXIF orientation applied).
+
+    An image of more than `max_pixels` pixels is refused (InputError) undecoded; a JPEG counts at
+    the reduced scale it decodes at, so a large photo still gets its thumbnail.
+    """
+    with open_image_within(path, max_pixels, draft_side=side) as image:
         image = ImageOps.exif_transpose(image).convert("RGB")
     image.thumbnail((side, side))
     buffer = BytesIO()
@@ -152,12 +182,15 @@ def make_thumbnail(path: Path, side: int = THUMBNAIL_SIDE) -> bytes:
     return buffer.getvalue()
 
 
-def read_uploaded_image(body: bytes) -> Image.Image:
-    """An uploaded image file, decoded, upright and RGB."""
+def read_uploaded_image(body: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """An uploaded image file, decoded, upright and RGB; InputError for a file that is not an image
+    or has more than `max_pixels` pixels."""
     try:
-        with Image.open(BytesIO(body)) as image:
+        with open_image_within(BytesIO(body), max_pixels) as image:
             return ImageOps.exif_transpose(image).convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
+    except InputError:
+        raise  # already says what is wrong
+    except (OSError, ValueError) as error:
         raise InputError(f"cannot read the uploaded image ({error})") from error
 
 
@@ -214,6 +247,7 @@ class RetrievalServer(ThreadingHTTPServer):
         self.tried_stamp = index.info_stamp  # of the last index.json opened or tried
         self.reload_lock = threading.Lock()
         self.search_lock = threading.Lock()  # one model forward at a time
+        self.upload_slots = threading.BoundedSemaphore(UPLOADS_DECODED_AT_ONCE)
         self.log_requests = log_requests
 
     @property
@@ -301,9 +335,10 @@ class RetrievalRequestHandler(BaseHTTPRequestHandler):
             return results_document(text, index.search_text(text, top_k))
 
     def search_image(self, index: RetrievalIndex, body: bytes, top_k: int) -> dict:
-        image = read_uploaded_image(body)
-        with self.server.search_lock:
-            return results_document("uploaded image", index.search_image(image, top_k))
+        with self.server.upload_slots:  # held until the decoded image is searched and dropped
+            image = read_uploaded_image(body)
+            with self.server.search_lock:
+                return results_document("uploaded image", index.search_image(image, top_k))
 
     def answer_search(self, query: dict[str, list[str]], run) -> None:
         """Run a search and send its JSON; a bad query gets 400 with {"error": ...}."""
@@ -319,8 +354,9 @@ class RetrievalRequestHandler(BaseHTTPRequestHandler):
             return
         try:
             body = make_thumbnail(path) if thumbnail else path.read_bytes()
-        except (OSError, ValueError, Image.DecompressionBombError) as error:
-            self.send_json(HTTPStatus.NOT_FOUND, {"error": f"cannot read {filename!r} ({error})"})
+        except (OSError, ValueError, Image.DecompressionBombError) as error:  # InputError included
+            action = "make a thumbnail of" if thumbnail else "read"
+            self.send_json(HTTPStatus.NOT_FOUND, {"error": f"cannot {action} {filename!r} ({error})"})
             return
         content_type = "image/jpeg" if thumbnail else mimetypes.guess_type(path.name)[0]
         self.send_body(HTTPStatus.OK, body, content_type or "application/octet-stream", cache=True)

@@ -4,11 +4,14 @@ unreadable images, atomic updates, the web API, and the benchmark's quick mode."
 import io
 import json
 import shutil
+import struct
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,13 +20,13 @@ from urllib.parse import quote
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 
 import retrieval
 from benchmarks import bench_retrieval
 from component import retrieval as retrieval_component
 from component import retrieval_images, retrieval_server, retrieval_store
-from component.encoding import encode_images, encode_texts, load_model_and_processor
+from component.encoding import InputError, encode_images, encode_texts, load_model_and_processor
 from component.retrieval import RetrievalIndex
 from component.retrieval_server import RetrievalServer, ServedIndex
 from component.retrieval_store import LOCK_FILE, index_lock, read_info
@@ -608,6 +611,84 @@ def test_bad_api_requests_get_json_errors(server, monkeypatch, path, body, statu
     got_status, got_body, content_type = fetch(server, path, body)
     assert (got_status, content_type) == (status, "application/json")
     assert json.loads(got_body)["error"]
+
+
+def large_png(side: int = 12_000) -> bytes:
+    """A PNG of side x side black pixels, 1 bit each, in under 20 KB: built by hand, never decoded."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = b"\0" * (1 + (side + 7) // 8) * side  # each row: filter type 0, then its packed bits
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)  # bit depth 1, greyscale
+    idat = zlib.compress(rows, 9)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+@pytest.fixture
+def no_decoding(monkeypatch):
+    """Make decoding any image's pixels fail the test."""
+
+    def load(image):
+        raise AssertionError(f"decoded a {image.size} image")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+
+
+TOO_LARGE = f"image too large: 12000 x 12000 pixels, the limit is {retrieval_server.MAX_IMAGE_PIXELS}"
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_an_upload_of_too_many_pixels_is_refused_undecoded(server, no_decoding):
+    status, body, content_type = fetch(server, "/api/search_image", large_png())
+    assert (status, content_type) == (400, "application/json")
+    assert json.loads(body)["error"] == TOO_LARGE
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_an_indexed_image_of_too_many_pixels_gets_no_thumbnail(tmp_path, grown_images, no_decoding):
+    (grown_images / "a.png").write_bytes(large_png())  # replaced after the index run
+    with serving(tmp_path / "index") as server:
+        status, body, content_type = fetch(server, "/thumbnail?path=a.png")
+        assert (status, content_type) == (404, "application/json")
+        assert json.loads(body)["error"] == f"cannot make a thumbnail of 'a.png' ({TOO_LARGE})"
+        assert fetch(server, "/image?path=a.png")[:2] == (200, large_png())
+
+
+def test_a_jpeg_counts_its_pixels_at_the_scale_its_thumbnail_decodes_at(tmp_path):
+    image = Image.new("RGB", (2400, 1800), "red")  # 4.3 M pixels; at 1/4 scale 600 x 450
+    image.save(tmp_path / "large.jpg")
+    image.save(tmp_path / "large.png")
+    thumbnail = retrieval_server.make_thumbnail(tmp_path / "large.jpg", max_pixels=300_000)
+    assert Image.open(io.BytesIO(thumbnail)).size == (256, 192)
+    with pytest.raises(InputError, match="image too large: 2400 x 1800 pixels, the limit is 300000"):
+        retrieval_server.make_thumbnail(tmp_path / "large.png", max_pixels=300_000)
+
+
+def test_uploads_are_decoded_and_searched_two_at_a_time(server, monkeypatch):
+    decoding, most = [], []
+    lock = threading.Lock()
+
+    def slow_read_uploaded_image(body):
+        with lock:
+            decoding.append(body)
+            most.append(len(decoding))
+        time.sleep(0.3)
+        with lock:
+            decoding.remove(body)
+        raise InputError("not searched")
+
+    monkeypatch.setattr(retrieval_server, "read_uploaded_image", slow_read_uploaded_image)
+    statuses = []
+    uploads = [
+        threading.Thread(target=lambda: statuses.append(fetch(server, "/api/search_image", b"x")[0]))
+        for _ in range(5)
+    ]
+    for upload in uploads:
+        upload.start()
+    for upload in uploads:
+        upload.join(60)
+    assert statuses == [400] * 5 and max(most) == retrieval_server.UPLOADS_DECODED_AT_ONCE
 
 
 # --- the server after a later index run ---
