@@ -1,16 +1,25 @@
-"""Host-name lookups that give up after a timeout, and the urllib3 connections that use them.
+"""The bounds urllib3's timeouts leave out: on host-name lookups, and on whole requests.
 
 urllib3's connect timeout starts only once `socket.getaddrinfo` has returned, and getaddrinfo
 takes no timeout: the system resolver's own retries can hold a thread for tens of seconds on a
 dead domain, and for ever when the resolver is broken. Here each lookup runs in a daemon thread
 and the connecting thread waits at most the connect timeout; a lookup it gives up on finishes in
 the background. Concurrent lookups of one host share a thread, so a slow domain ties up one
-thread however many rows name it. Daemon threads never delay the exit of the process.
+thread however many rows name it.
+
+A read timeout bounds each socket read, not a response: a server that drips its headers one
+byte at a time holds a thread for as long as it likes. `RequestWatch` shuts down the socket of a
+request that outlives its deadline (or whose stop event is set); the connection classes here
+tell it which socket a request is on. Daemon threads never delay the exit of the process.
 """
 
 import socket
 import sys
 import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
@@ -131,8 +140,116 @@ def connect(
     raise error
 
 
+WATCH_INTERVAL_S = 0.1  # how often the watch looks at the requests in flight
+INTERRUPTED = "interrupted"  # the reason of a request ended because its stop event was set
+# This thread's request, told of each connection that carries it (set by `RequestWatch.watching`).
+_WATCHED_REQUEST: ContextVar[Callable[[HTTPConnection | None], None] | None] = ContextVar(
+    "watched_request", default=None
+)
+
+
+class WatchedRequest:
+    """A request (redirects and retries included) under watch: its deadline, its stop event, its socket."""
+
+    def __init__(self, deadline: float, stop: threading.Event | None) -> None:
+        self.deadline = deadline
+        self.stop = stop
+        self.reason: str | None = None  # `deadline` or `interrupted` once the watch has ended it
+        self._connection: HTTPConnection | None = None
+        self._lock = threading.Lock()
+
+    def carried_by(self, connection: HTTPConnection | None) -> None:
+        """The connection the request is on now."""
+        with self._lock:
+            self._connection = connection
+
+    def check(self, now: float) -> None:
+        """Once past the deadline or stopped, shut the socket down (on every look: a retry opens another)."""
+        if self.reason is None:
+            if self.stop is not None and self.stop.is_set():
+                self.reason = INTERRUPTED
+            elif now >= self.deadline:
+                self.reason = "deadline"
+            else:
+                return
+        with self._lock:
+            sock = getattr(self._connection, "sock", None)
+            if sock is not None:
+                try:  # the plain socket's shutdown, also under TLS: a blocked read returns at once
+                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
+                except OSError:  # closed already, or not connected yet
+                    pass
+
+
+class RequestWatch:
+    """Ends requests that outlive their deadline, or whose stop event is set, by shutting their sockets down.
+
+    One daemon thread looks at the requests in flight every `interval` seconds, and runs only
+    while there are some. The thread that made the request then sees a closed connection, and
+    `WatchedRequest.reason` says why.
+    """
+
+    def __init__(self, interval: float = WATCH_INTERVAL_S) -> None:
+        self.interval = interval
+        self._requests: set[WatchedRequest] = set()
+        self._lock = threading.Lock()
+        self._running = False
+
+    @contextmanager
+    def watching(self, deadline: float, stop: threading.Event | None) -> Iterator[WatchedRequest]:
+        """Watch the requests this thread makes in the block, until `deadline` (time.monotonic) or `stop`."""
+        request = WatchedRequest(deadline, stop)
+        with self._lock:
+            self._requests.add(request)
+            if not self._running:
+                self._running = self._start()
+        token = _WATCHED_REQUEST.set(request.carried_by)
+        try:
+            yield request
+        finally:
+            _WATCHED_REQUEST.reset(token)
+            request.carried_by(None)
+            with self._lock:
+                self._requests.discard(request)
+
+    def _start(self) -> bool:
+        try:
+            threading.Thread(target=self._run, name="request-watch", daemon=True).start()
+        except RuntimeError:  # no more threads: unwatched for now, the next request tries again
+            return False
+        return True
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.interval)
+            with self._lock:
+                if not self._requests:
+                    self._running = False
+                    return
+                requests = list(self._requests)
+            now = time.monotonic()
+            for request in requests:
+                request.check(now)
+
+
+def _report_connection(connection: HTTPConnection) -> None:
+    """Tell this thread's watched request (if any) that `connection` carries it now."""
+    carried_by = _WATCHED_REQUEST.get()
+    if carried_by is not None:
+        carried_by(connection)
+
+
 class _BoundedLookup:
-    """For urllib3's connection classes: urllib3's `_new_conn`, with the lookup through `RESOLVER`."""
+    """For urllib3's connection classes: urllib3's `_new_conn`, with the lookup through `RESOLVER`,
+    and `connect` and `request` reporting the connection to the watch."""
+
+    def connect(self) -> None:
+        _report_connection(self)
+        super().connect()
+
+    def request(self, *args, **kwargs) -> None:
+        _report_connection(self)
+        super().request(*args, **kwargs)
 
     def _new_conn(self) -> socket.socket:
         timeout = self.timeout if isinstance(self.timeout, int | float) else socket.getdefaulttimeout()
@@ -159,11 +276,11 @@ class _BoundedLookup:
 
 
 class BoundedLookupHTTPConnection(_BoundedLookup, HTTPConnection):
-    """An HTTP connection whose host-name lookup is bounded by its connect timeout."""
+    """An HTTP connection whose host-name lookup is bounded by its connect timeout; a watch can end it."""
 
 
 class BoundedLookupHTTPSConnection(_BoundedLookup, HTTPSConnection):
-    """An HTTPS connection whose host-name lookup is bounded by its connect timeout."""
+    """An HTTPS connection whose host-name lookup is bounded by its connect timeout; a watch can end it."""
 
 
 class BoundedLookupHTTPConnectionPool(HTTPConnectionPool):

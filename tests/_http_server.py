@@ -40,7 +40,8 @@ class Route:
 
     `status`, `headers` and `body` give a plain answer; `responses` (status, headers, body)
     are used in turn, one per request, the last one repeating. `delay` waits before the
-    headers; `drip` sends the body one byte per `drip` seconds.
+    headers; `drip` sends the body one byte per `drip` seconds, `header_drip` the status line
+    and headers (a read timeout never trips, however long it takes).
     """
 
     body: bytes = b""
@@ -49,6 +50,7 @@ class Route:
     responses: list[tuple[int, dict[str, str], bytes]] = field(default_factory=list)
     delay: float = 0.0
     drip: float = 0.0
+    header_drip: float = 0.0
     content_length: int | None = None  # overrides the real length (a short body then looks cut off)
     send_length: bool = True  # False: no Content-Length, the body ends when the connection closes
 
@@ -89,6 +91,9 @@ class LoopbackServer:
                 path = unquote(urlsplit(self.path).path, encoding="utf-8")
                 route, (status, headers, body) = server._answer(path)
                 time.sleep(route.delay)
+                if route.header_drip:
+                    self._drip_head(status, headers, len(body), route.header_drip)
+                    return
                 self.send_response(status)
                 for name, value in headers.items():
                     self.send_header(name, value)
@@ -110,6 +115,18 @@ class LoopbackServer:
                     pass
                 if route.content_length is not None and route.content_length != len(body):
                     self.close_connection = True
+
+            def _drip_head(self, status: int, headers: dict[str, str], length: int, drip: float) -> None:
+                lines = [f"HTTP/1.1 {status} OK", *(f"{k}: {v}" for k, v in headers.items())]
+                head = "\r\n".join([*lines, f"Content-Length: {length}", "", ""]).encode()
+                self.close_connection = True
+                try:
+                    for index in range(len(head)):
+                        self.wfile.write(head[index : index + 1])
+                        self.wfile.flush()
+                        time.sleep(drip)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
 
             def log_message(self, format: str, *args: object) -> None:  # keep test output quiet
                 pass

@@ -86,6 +86,7 @@ BAD = {  # filename: (url or route path, route or None, reason)
     "500.jpg": ("/broken", Route(status=500), "http_500"),
     "slow.jpg": ("/slow", Route(body=JPEG, delay=3), "timeout"),
     "drip.jpg": ("/drip", Route(body=JPEG, drip=0.01), "deadline"),
+    "drip_headers.jpg": ("/drip-headers", Route(body=JPEG, header_drip=0.2), "deadline"),
     "huge.jpg": ("/huge", Route(body=b"\xff" * 30_000), "too_large"),
     "huge_unannounced.jpg": ("/huge-stream", Route(body=b"\xff" * 30_000, send_length=False), "too_large"),
     "html.jpg": ("/html", Route(body=b"<html><body>Sorry</body></html>"), "not_an_image"),
@@ -307,6 +308,34 @@ def test_ctrl_c_leaves_complete_images_and_a_report(server, tmp_path, monkeypatc
     assert not [path for path in output.glob(".*") if path.suffix in (".part", ".tmp")]
     for path in output.glob("*.jpg"):
         Image.open(path).load()
+
+
+def test_a_server_dripping_its_headers_is_cut_off_at_the_deadline(server):
+    server.routes["/drip-headers-alone"] = Route(body=JPEG, header_drip=0.2)
+    options = DownloadOptions(timeout=0.5, deadline=1.0, retries=2, backoff=0.05)
+    started = time.monotonic()
+    result = fetch_image(server.url("/drip-headers-alone"), HttpPools(), options, threading.Event())
+    assert result.reason == "deadline"
+    assert time.monotonic() - started < options.deadline + 0.5
+
+
+def test_ctrl_c_ends_a_download_stuck_in_dripping_headers_at_once(server, tmp_path, monkeypatch):
+    server.routes["/drip-headers-slowly"] = Route(body=JPEG, header_drip=0.2)
+    rows = [{"text": "x", "url": server.url("/drip-headers-slowly"), "filename": "x.jpg"}]
+    planned = download_image.plan_downloads
+
+    def interrupted_while_downloading(rows, output):
+        yield from planned(rows, output)
+        time.sleep(0.5)  # the download is waiting on the headers now
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(download_image, "plan_downloads", interrupted_while_downloading)
+    argv = ["--input", str(write_csv(tmp_path / "train.csv", rows)), "--output", str(tmp_path / "images")]
+    started = time.monotonic()
+    assert download_image.main([*argv, "--timeout", "0.5", "--deadline", "30"]) == 130
+    assert time.monotonic() - started < 1.5
+    report = json.loads((tmp_path / "images" / "download_report.json").read_text())
+    assert (report["total"], report["interrupted"]) == (0, True)
 
 
 def test_short_side_0_keeps_the_size(server, tmp_path):
