@@ -22,9 +22,10 @@ from datatools.download import (
     ImageDownloader,
     download_rows,
     plan_downloads,
+    raise_open_file_limit,
     read_failed_filenames,
 )
-from datatools.fetch import DownloadOptions
+from datatools.fetch import OUT_OF_DESCRIPTORS, DownloadOptions, keepalive_hosts_per_thread
 from datatools.image_check import InputError, count_csv_rows, iter_csv_rows, read_csv_header
 
 REQUIRED_COLUMNS = ("url", "filename")
@@ -88,6 +89,16 @@ def build_options(args: argparse.Namespace) -> DownloadOptions:
     )
 
 
+def fatal_error_message(error: OSError, output: Path, open_file_limit: int) -> str:
+    """What stopped the run: no file descriptors left, or a disk that takes no more images."""
+    if error.errno in OUT_OF_DESCRIPTORS:
+        return (
+            f"out of file descriptors ({error}) at a limit of {open_file_limit} open files: "
+            "run with fewer --threads, or raise the limit (ulimit -n)"
+        )
+    return f"cannot write images to {output}: {error}"
+
+
 def print_summary(report: dict, output: Path) -> None:
     """One line of totals, then the failure reasons, most common first."""
     state = "interrupted after" if report["interrupted"] else "finished"
@@ -119,7 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     if retry_names is not None:
         rows = (row for row in rows if row.get("filename", "") in retry_names)
         total = len(retry_names)
-    # 3. Download, counting every finished row into the report.
+    # 3. Download, counting every finished row into the report; idle connections are kept within
+    #    the open-file limit (raised as far as the system allows).
+    open_file_limit = raise_open_file_limit()
+    downloader = ImageDownloader(
+        options, hosts_per_thread=keepalive_hosts_per_thread(args.threads, open_file_limit)
+    )
     report = DownloadReport(output, fieldnames)
     with tqdm(total=total, unit="img", desc="download", dynamic_ncols=True) as bar:
 
@@ -132,12 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused as a reason instead
             try:
-                interrupted = download_rows(
-                    plan_downloads(rows, output), ImageDownloader(options), args.threads, record
-                )
-            except OSError as error:  # the disk is full or read-only: no later row can succeed
+                interrupted = download_rows(plan_downloads(rows, output), downloader, args.threads, record)
+            except OSError as error:  # no later row can succeed (see FATAL_ERRNOS)
                 report.discard()
-                print(f"\nerror: cannot write images to {output}: {error}", file=sys.stderr)
+                print(f"\nerror: {fatal_error_message(error, output, open_file_limit)}", file=sys.stderr)
                 return 1
     # 4. Save the report; an interrupted retry keeps the old failure list, which still holds the rest.
     details = {"input": str(args.input), "output": str(output), "retry_failed": args.retry_failed}

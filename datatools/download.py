@@ -18,7 +18,15 @@ from pathlib import Path
 from PIL import Image, ImageOps
 
 from datatools.atomic import atomic_file, write_json_atomic
-from datatools.fetch import INTERRUPTED, DownloadOptions, HttpPools, check_url, fetch_image
+from datatools.fetch import (
+    INTERRUPTED,
+    MAX_HOSTS_PER_THREAD,
+    OUT_OF_DESCRIPTORS,
+    DownloadOptions,
+    HttpPools,
+    check_url,
+    fetch_image,
+)
 from datatools.image_check import (
     DEFAULT_MAX_PIXELS,
     AtomicCsvWriter,
@@ -36,7 +44,9 @@ FAILED_NAME = "download_failed.csv"
 OK = "ok"
 SKIPPED = "skipped"
 JPEG_QUALITY = 90
-FATAL_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+DEFAULT_OPEN_FILE_LIMIT = 2**20  # where the system states none
+# No later row can escape these: a full, over-quota or read-only disk, or no file descriptors left.
+FATAL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, *OUT_OF_DESCRIPTORS})
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -108,18 +118,26 @@ def store_image(path: Path, data: bytes) -> None:
 
 
 class ImageDownloader:
-    """Fetch, convert and store images; safe to call from many threads."""
+    """Fetch, convert and store images; safe to call from many threads.
 
-    def __init__(self, options: DownloadOptions, stop: threading.Event | None = None) -> None:
+    hosts_per_thread: hosts each thread keeps an idle connection to (see `keepalive_hosts_per_thread`).
+    """
+
+    def __init__(
+        self,
+        options: DownloadOptions,
+        stop: threading.Event | None = None,
+        hosts_per_thread: int = MAX_HOSTS_PER_THREAD,
+    ) -> None:
         self.options = options
         self.stop = stop if stop is not None else threading.Event()
-        self.pools = HttpPools()
+        self.pools = HttpPools(hosts_per_thread)
 
     def download(self, url: str, path: Path) -> str:
         """Store the image at `url` as `path`; returns `ok` or a failure reason.
 
         Anything a remote server sends fails only its own row; an OSError that no later row can
-        escape (disk full, read-only or over quota) is raised, to stop the run.
+        escape (see `FATAL_ERRNOS`) is raised, to stop the run.
         """
         try:
             fetched = fetch_image(url, self.pools, self.options, self.stop)
@@ -128,12 +146,14 @@ class ImageDownloader:
             jpeg = to_training_jpeg(fetched.data, self.options.short_side, self.options.max_pixels)
         except RejectedError as error:
             return error.reason
-        except Exception:  # a library bug tripped by one odd response must not end a long run
+        except Exception as error:  # a library bug tripped by one odd response must not end a long run
+            if isinstance(error, OSError) and error.errno in FATAL_ERRNOS:
+                raise
             return "unexpected_error"
         try:
             store_image(path, jpeg)
         except OSError as error:
-            if error.errno in FATAL_WRITE_ERRNOS:
+            if error.errno in FATAL_ERRNOS:
                 raise
             return "write_error"
         return OK
@@ -182,6 +202,22 @@ def download_rows(
         finished = [future for future in in_flight if not future.cancelled() and future.exception() is None]
         record_done(finished)
         return True
+
+
+def raise_open_file_limit() -> int:
+    """Raise this process's soft limit on open files to its hard limit (best effort); the limit now."""
+    try:
+        import resource
+    except ImportError:  # no such limit on Windows
+        return DEFAULT_OPEN_FILE_LIMIT
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):  # macOS refuses an unlimited soft limit
+            pass
+    return DEFAULT_OPEN_FILE_LIMIT if soft == resource.RLIM_INFINITY else soft
 
 
 def plan_downloads(

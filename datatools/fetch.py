@@ -2,10 +2,12 @@
 
 `fetch_image` bounds every request: timeouts (name lookup included, see `datatools.resolve`), a
 total deadline, a byte cap, redirect and retry limits. Every failure is a short reason in the
-result, never an exception, so one bad row cannot stop a run.
+result, never an exception, so one bad row cannot stop a run; the one exception is running out
+of file descriptors, which no later row could escape either.
 """
 
 import email.utils
+import errno
 import random
 import threading
 import time
@@ -38,6 +40,8 @@ REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 RETRY_AFTER_STATUS = frozenset({429, 503})
 READ_CHUNK_BYTES = 256 * 1024
+OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE})  # the process's limit, the system's
+MAX_HOSTS_PER_THREAD = 64  # keep-alive connections each download thread keeps, one per host
 
 
 @dataclass(frozen=True)
@@ -80,15 +84,26 @@ class _RetryableError(RejectedError):
         self.retry_after = retry_after
 
 
+def keepalive_hosts_per_thread(threads: int, open_file_limit: int) -> int:
+    """How many hosts each of `threads` threads keeps a connection to: idle sockets stay within a
+    quarter of `open_file_limit` (the rest is for sockets in use, files being written, lookups)."""
+    return max(1, min(MAX_HOSTS_PER_THREAD, open_file_limit // (4 * threads)))
+
+
 class HttpPools:
     """Keep-alive connection pools, one set per thread, through the proxy the environment names.
 
-    urllib3 directly, not requests: requests costs about 0.4 ms more CPU per request, which is
-    about 5 % of the work on an image. `HTTP(S)_PROXY` and `NO_PROXY` are read once. `watch`
-    ends requests past their deadline.
+    Each thread keeps an idle connection to at most `hosts_per_thread` hosts (the most recently
+    used), so that the idle sockets of all threads cannot use up the file descriptors. urllib3
+    directly, not requests: requests costs about 0.4 ms more CPU per request, which is about 5 %
+    of the work on an image. `HTTP(S)_PROXY` and `NO_PROXY` are read once. `watch` ends
+    requests past their deadline.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, hosts_per_thread: int = MAX_HOSTS_PER_THREAD) -> None:
+        if hosts_per_thread < 1:
+            raise ValueError(f"hosts_per_thread must be at least 1, got {hosts_per_thread}")
+        self.hosts_per_thread = hosts_per_thread
         self._proxies = urllib.request.getproxies()
         self._local = threading.local()
         self.watch = RequestWatch()
@@ -103,16 +118,19 @@ class HttpPools:
         if proxy and urllib.request.proxy_bypass_environment(parts.hostname or "", self._proxies):
             proxy = ""
         if proxy not in managers:
-            managers[proxy] = _pool_manager(proxy)
+            managers[proxy] = _pool_manager(proxy, self.hosts_per_thread)
         return managers[proxy]
 
 
-def _pool_manager(proxy: str) -> urllib3.PoolManager:
-    """A pool manager (through `proxy` unless it is empty) whose host-name lookups are bounded."""
+def _pool_manager(proxy: str, hosts: int) -> urllib3.PoolManager:
+    """A pool manager (through `proxy` unless it is empty) whose host-name lookups are bounded.
+
+    A thread makes one request at a time, so each host's pool holds one connection (maxsize 1).
+    """
     if proxy:
-        manager = urllib3.ProxyManager(proxy, num_pools=64, headers=HEADERS)
+        manager = urllib3.ProxyManager(proxy, num_pools=hosts, maxsize=1, headers=HEADERS)
     else:
-        manager = urllib3.PoolManager(num_pools=64, headers=HEADERS)
+        manager = urllib3.PoolManager(num_pools=hosts, maxsize=1, headers=HEADERS)
     manager.pool_classes_by_scheme = POOL_CLASSES_BY_SCHEME
     return manager
 
@@ -197,7 +215,10 @@ def _redirect_target(response: urllib3.BaseHTTPResponse, url: str) -> str:
 
 
 def _request(pools: HttpPools, url: str, timeout: float) -> urllib3.BaseHTTPResponse:
-    """Send one GET and read the status and headers (not the body), mapping errors to reasons."""
+    """Send one GET and read the status and headers (not the body), mapping errors to reasons.
+
+    Raises the OSError behind a failure when no file descriptor was left (see `OUT_OF_DESCRIPTORS`).
+    """
     try:
         return pools.for_url(url).request(
             "GET",
@@ -207,26 +228,43 @@ def _request(pools: HttpPools, url: str, timeout: float) -> urllib3.BaseHTTPResp
             retries=False,
             timeout=urllib3.Timeout(connect=timeout, read=timeout),
         )
-    except NameResolutionError:
-        raise RejectedError("dns_error") from None
-    except LookupTimeoutError:  # not retried: a retry would wait on the same lookup, still running
-        raise RejectedError("dns_timeout") from None
-    except NewConnectionError:  # refused or unreachable; a subclass of ConnectTimeoutError
-        raise _RetryableError("connection_error") from None
-    except (ConnectTimeoutError, ReadTimeoutError):
-        raise _RetryableError("timeout") from None
-    except SSLError as error:
-        raise RejectedError("ssl_error", str(error)) from None
-    except ProxyError as error:
+    except (Urllib3Error, ValueError) as error:
+        _raise_if_out_of_descriptors(error)
+        raise _request_error(error) from None
+
+
+def _request_error(error: Exception) -> RejectedError:
+    """The reason (retryable or not) for an error from sending a request."""
+    if isinstance(error, NameResolutionError):
+        return RejectedError("dns_error")
+    if isinstance(error, LookupTimeoutError):  # not retried: a retry would wait on the same lookup
+        return RejectedError("dns_timeout")
+    if isinstance(error, NewConnectionError):  # refused or unreachable; a ConnectTimeoutError too
+        return _RetryableError("connection_error")
+    if isinstance(error, ConnectTimeoutError | ReadTimeoutError):
+        return _RetryableError("timeout")
+    if isinstance(error, SSLError):
+        return RejectedError("ssl_error", str(error))
+    if isinstance(error, ProxyError):
         if isinstance(error.original_error, LookupTimeoutError):  # the proxy's own host name
-            raise RejectedError("dns_timeout") from None
-        raise _RetryableError("connection_error") from None
-    except ProtocolError:
-        raise _RetryableError("connection_error") from None
-    except (LocationValueError, ValueError) as error:  # an invalid URL or IDNA host name
-        raise RejectedError("bad_url", str(error)) from None
-    except Urllib3Error as error:
-        raise RejectedError("connection_error", str(error)) from None
+            return RejectedError("dns_timeout")
+        return _RetryableError("connection_error")
+    if isinstance(error, ProtocolError):
+        return _RetryableError("connection_error")
+    if isinstance(error, LocationValueError | ValueError):  # an invalid URL or IDNA host name
+        return RejectedError("bad_url", str(error))
+    return RejectedError("connection_error", str(error))
+
+
+def _raise_if_out_of_descriptors(error: BaseException) -> None:
+    """Raise the OSError behind `error` (its cause, or their causes) if it is EMFILE or ENFILE."""
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, OSError) and cause.errno in OUT_OF_DESCRIPTORS:
+            raise cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
 
 
 def _fetch_once(
@@ -267,7 +305,8 @@ def fetch_image(
     Retries wait `backoff * 2**attempt` seconds (with jitter), or what a 429/503 asks for in
     Retry-After; a wait that would pass the deadline gives up at once. A request still running
     at the deadline has its connection shut down (`pools.watch`), whatever phase it is in.
-    Setting `stop` makes a pending fetch give up with reason `interrupted`.
+    Setting `stop` makes a pending fetch give up with reason `interrupted`. Raises OSError only
+    when no file descriptor is left for a connection (EMFILE, ENFILE).
     """
     try:
         url = check_url(url)

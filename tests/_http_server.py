@@ -56,11 +56,12 @@ class Route:
 
 
 class LoopbackServer:
-    """Serves `routes` on 127.0.0.1 and counts the requests for each path."""
+    """Serves `routes` on 127.0.0.1; counts the requests for each path, and the connections open."""
 
     def __init__(self) -> None:
         self.routes: dict[str, Route] = {}
         self.requests: Counter[str] = Counter()
+        self.open_connections = 0
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._server.daemon_threads = True
@@ -81,11 +82,23 @@ class LoopbackServer:
             return route, route.responses[min(count, len(route.responses)) - 1]
         return route, (route.status, route.headers, route.body)
 
+    def _count_connection(self, change: int) -> None:
+        with self._lock:
+            self.open_connections += change
+
     def _handler_class(self) -> Callable[..., BaseHTTPRequestHandler]:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                server._count_connection(1)
+                super().setup()
+
+            def finish(self) -> None:
+                super().finish()
+                server._count_connection(-1)
 
             def do_GET(self) -> None:
                 path = unquote(urlsplit(self.path).path, encoding="utf-8")
@@ -136,7 +149,8 @@ class LoopbackServer:
     @contextmanager
     def running(self) -> Iterator["LoopbackServer"]:
         """Serve in a background thread for the duration of the `with` block."""
-        thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        # a short poll interval: shutdown() waits for up to one
+        thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
         thread.start()
         try:
             yield self

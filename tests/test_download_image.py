@@ -8,6 +8,7 @@ import os
 import socket
 import threading
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -23,11 +24,19 @@ from _http_server import (
 )
 from PIL import Image
 
+import datatools.download
 import download_image
 from benchmarks import bench_download
 from datatools import resolve
-from datatools.download import plan_downloads, store_image, to_training_jpeg
-from datatools.fetch import DownloadOptions, HttpPools, check_url, fetch_image, parse_retry_after
+from datatools.download import plan_downloads, raise_open_file_limit, store_image, to_training_jpeg
+from datatools.fetch import (
+    DownloadOptions,
+    HttpPools,
+    check_url,
+    fetch_image,
+    keepalive_hosts_per_thread,
+    parse_retry_after,
+)
 from datatools.image_check import RejectedError, safe_image_path
 
 FAST = ["--timeout", "0.5", "--deadline", "1.5", "--retries", "2", "--backoff", "0.05", "--threads", "16"]
@@ -336,6 +345,55 @@ def test_ctrl_c_ends_a_download_stuck_in_dripping_headers_at_once(server, tmp_pa
     assert time.monotonic() - started < 1.5
     report = json.loads((tmp_path / "images" / "download_report.json").read_text())
     assert (report["total"], report["interrupted"]) == (0, True)
+
+
+@pytest.mark.parametrize(
+    ("threads", "open_file_limit", "hosts"), [(256, 1024, 1), (16, 1024, 16), (64, 2**20, 64), (4, 64, 4)]
+)
+def test_idle_connections_of_all_threads_stay_within_a_quarter_of_the_open_file_limit(
+    threads, open_file_limit, hosts
+):
+    assert keepalive_hosts_per_thread(threads, open_file_limit) == hosts
+
+
+def test_a_thread_keeps_idle_connections_to_at_most_hosts_per_thread_hosts():
+    servers = [LoopbackServer() for _ in range(4)]
+    with ExitStack() as stack:
+        for loopback in servers:
+            loopback.routes["/a.jpg"] = Route(body=JPEG)
+            stack.enter_context(loopback.running())
+        pools = HttpPools(hosts_per_thread=2)
+        for loopback in servers:
+            assert fetch_image(loopback.url("/a.jpg"), pools, DownloadOptions(timeout=1)).reason is None
+        waited_until = time.monotonic() + 2
+        while sum(loopback.open_connections for loopback in servers) > 2 and time.monotonic() < waited_until:
+            time.sleep(0.01)
+        assert [loopback.open_connections for loopback in servers] == [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("where", ["connect", "store"])
+def test_running_out_of_file_descriptors_stops_the_run_with_a_clear_message(
+    server, tmp_path, monkeypatch, capsys, where
+):
+    def out_of_descriptors(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    if where == "connect":
+        monkeypatch.setattr(resolve, "connect", out_of_descriptors)
+    else:
+        monkeypatch.setattr(datatools.download, "store_image", out_of_descriptors)
+    rows = [{"text": "x", "url": server.url("/jpeg.jpg"), "filename": f"{index}.jpg"} for index in range(4)]
+    argv = ["--input", str(write_csv(tmp_path / "train.csv", rows)), "--output", str(tmp_path / "images")]
+    assert download_image.main([*argv, *FAST]) == 1
+    assert "out of file descriptors" in capsys.readouterr().err
+    assert not (tmp_path / "images" / "download_report.json").exists()
+
+
+def test_the_open_file_limit_is_raised_to_the_hard_limit():
+    resource = pytest.importorskip("resource")
+    limit = raise_open_file_limit()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert limit == soft and (soft == hard or hard == resource.RLIM_INFINITY)
 
 
 def test_short_side_0_keeps_the_size(server, tmp_path):
