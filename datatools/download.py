@@ -8,6 +8,7 @@ socket reads release the GIL, so threads scale across cores.
 
 import errno
 import io
+import os
 import threading
 import time
 from collections import Counter
@@ -117,10 +118,23 @@ def store_image(path: Path, data: bytes) -> None:
         file.write(data)
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (at least 1)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
 class ImageDownloader:
     """Fetch, convert and store images; safe to call from many threads.
 
-    hosts_per_thread: hosts each thread keeps an idle connection to (see `keepalive_hosts_per_thread`).
+    Args:
+        hosts_per_thread: hosts each thread keeps an idle connection to (see
+            `keepalive_hosts_per_thread`).
+        max_conversions: images converted at once (default: two per usable core, which keeps
+            the cores busy while a conversion waits for the GIL). Conversion is CPU-bound, so
+            more would not be faster, and an image near `max_pixels` takes about 1 GB while it
+            decodes: hundreds of threads decoding at once could run out of memory.
     """
 
     def __init__(
@@ -128,10 +142,12 @@ class ImageDownloader:
         options: DownloadOptions,
         stop: threading.Event | None = None,
         hosts_per_thread: int = MAX_HOSTS_PER_THREAD,
+        max_conversions: int | None = None,
     ) -> None:
         self.options = options
         self.stop = stop if stop is not None else threading.Event()
         self.pools = HttpPools(hosts_per_thread)
+        self._conversions = threading.BoundedSemaphore(max_conversions or 2 * usable_cores())
 
     def download(self, url: str, path: Path) -> str:
         """Store the image at `url` as `path`; returns `ok` or a failure reason.
@@ -143,7 +159,10 @@ class ImageDownloader:
             fetched = fetch_image(url, self.pools, self.options, self.stop)
             if fetched.reason is not None:
                 return fetched.reason
-            jpeg = to_training_jpeg(fetched.data, self.options.short_side, self.options.max_pixels)
+            with self._conversions:
+                if self.stop.is_set():  # interrupted while waiting its turn
+                    return INTERRUPTED
+                jpeg = to_training_jpeg(fetched.data, self.options.short_side, self.options.max_pixels)
         except RejectedError as error:
             return error.reason
         except Exception as error:  # a library bug tripped by one odd response must not end a long run

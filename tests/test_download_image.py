@@ -8,6 +8,7 @@ import os
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -28,7 +29,13 @@ import datatools.download
 import download_image
 from benchmarks import bench_download
 from datatools import resolve
-from datatools.download import plan_downloads, raise_open_file_limit, store_image, to_training_jpeg
+from datatools.download import (
+    ImageDownloader,
+    plan_downloads,
+    raise_open_file_limit,
+    store_image,
+    to_training_jpeg,
+)
 from datatools.fetch import (
     DownloadOptions,
     HttpPools,
@@ -394,6 +401,32 @@ def test_the_open_file_limit_is_raised_to_the_hard_limit():
     limit = raise_open_file_limit()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     assert limit == soft and (soft == hard or hard == resource.RLIM_INFINITY)
+
+
+def test_at_most_max_conversions_images_are_converted_at_once(server, tmp_path, monkeypatch):
+    lock = threading.Lock()
+    running, most = 0, 0
+
+    def slow_conversion(data: bytes, *args: object) -> bytes:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        time.sleep(0.05)
+        with lock:
+            running -= 1
+        return data
+
+    monkeypatch.setattr(datatools.download, "to_training_jpeg", slow_conversion)
+    downloader = ImageDownloader(DownloadOptions(timeout=1), max_conversions=2)
+    with ThreadPoolExecutor(8) as executor:
+        outcomes = list(
+            executor.map(
+                lambda index: downloader.download(server.url("/jpeg.jpg"), tmp_path / f"{index}.jpg"),
+                range(16),
+            )
+        )
+    assert outcomes == ["ok"] * 16 and most == 2
 
 
 def test_short_side_0_keeps_the_size(server, tmp_path):
