@@ -57,14 +57,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Refuse values that cannot work, and an output that would overwrite the input."""
+    """Refuse values that cannot work, and an output (or its rejected rows) that would overwrite the input."""
     for name in ("workers", "min_side", "max_aspect_ratio", "max_pixels"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name} must not be negative, got {getattr(args, name)}")
     if not Path(args.image_path).is_dir():
         raise InputError(f"{args.image_path}: no such image directory")
-    if Path(args.output).resolve() == Path(args.input).resolve():
+    if is_same_file(args.output, args.input):
         raise InputError(f"--output {args.output} is the input file; choose another path")
+    if is_same_file(rejected_path(args.output), args.input):
+        raise InputError(
+            f"--output {args.output} would write its rejected rows to {rejected_path(args.output)}, "
+            "the input file; choose another path"
+        )
+
+
+def is_same_file(path: str | Path, other: str | Path) -> bool:
+    """Whether two paths name one file (through symlinks or hard links); either may not exist yet."""
+    path, other = Path(path), Path(other)
+    if path.resolve() == other.resolve():
+        return True
+    return path.exists() and other.exists() and os.path.samefile(path, other)
 
 
 def rejected_path(output: str | Path) -> Path:

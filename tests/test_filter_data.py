@@ -172,6 +172,17 @@ def test_output_equal_to_input_is_refused(dataset, capsys):
     assert csv_path.read_bytes() == before
 
 
+def test_output_whose_rejected_rows_would_overwrite_the_input_is_refused(dataset, capsys):
+    csv_path, images = dataset
+    rejected_input = csv_path.with_name("train.rejected.csv")
+    rejected_input.write_bytes(csv_path.read_bytes())
+    argv = ["--input", str(rejected_input), "--image_path", str(images)]
+    before = rejected_input.read_bytes()
+    assert filter_data.main([*argv, "--output", str(csv_path.with_name("train.csv"))]) == 2
+    assert rejected_input.read_bytes() == before
+    assert "rejected rows" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name", sorted(IMAGES))
 def test_check_image(tmp_path, name):
     data, reason = IMAGES[name]
