@@ -7,6 +7,7 @@ never changed or deleted.
 """
 
 import argparse
+import math
 import os
 import sys
 import warnings
@@ -58,6 +59,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def check_args(args: argparse.Namespace) -> None:
     """Refuse values that cannot work, and an output (or its rejected rows) that would overwrite the input."""
+    if not math.isfinite(args.max_aspect_ratio):  # NaN compares false: it would switch the check off
+        raise ValueError(f"--max_aspect_ratio must be a finite number, got {args.max_aspect_ratio}")
     for name in ("workers", "min_side", "max_aspect_ratio", "max_pixels"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name} must not be negative, got {getattr(args, name)}")

@@ -8,6 +8,7 @@ of file descriptors, which no later row could escape either.
 
 import email.utils
 import errno
+import math
 import random
 import threading
 import time
@@ -59,6 +60,9 @@ class DownloadOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb limit
 
     def __post_init__(self) -> None:
+        for name in ("timeout", "deadline", "backoff", "max_retry_after"):
+            if not math.isfinite(getattr(self, name)):  # NaN compares false: it would pass the checks below
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)!r}")
         for name in ("timeout", "deadline", "max_bytes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")

@@ -458,6 +458,23 @@ def test_bad_option_exits_2(tmp_path, capsys):
     assert "timeout" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--timeout", "nan"),
+        ("--deadline", "nan"),
+        ("--deadline", "inf"),
+        ("--backoff", "nan"),
+        ("--retries", "-1"),
+    ],
+)
+def test_an_option_that_is_not_a_finite_number_in_range_exits_2_naming_it(tmp_path, capsys, option, value):
+    write_csv(tmp_path / "train.csv", [])
+    argv = ["--input", str(tmp_path / "train.csv"), "--output", str(tmp_path / "out"), option, value]
+    assert download_image.main(argv) == 2
+    assert option.lstrip("-") in capsys.readouterr().err
+
+
 def test_429_waits_as_long_as_retry_after_asks(server):
     server.routes["/wait"] = Route(responses=[(429, {"Retry-After": "1"}, b""), (200, JPEG_HEADERS, JPEG)])
     started = time.monotonic()

@@ -183,6 +183,16 @@ def test_output_whose_rejected_rows_would_overwrite_the_input_is_refused(dataset
     assert "rejected rows" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_max_aspect_ratio_that_is_not_a_finite_number_in_range_exits_2(dataset, capsys, value):
+    csv_path, images = dataset
+    output = csv_path.with_name("out.csv")
+    argv = ["--input", str(csv_path), "--image_path", str(images), "--output", str(output)]
+    assert filter_data.main([*argv, "--max_aspect_ratio", value]) == 2
+    assert "max_aspect_ratio" in capsys.readouterr().err
+    assert not output.exists()
+
+
 @pytest.mark.parametrize("name", sorted(IMAGES))
 def test_check_image(tmp_path, name):
     data, reason = IMAGES[name]
