@@ -53,10 +53,7 @@ class ImageRoot:
         self.root = Path(root)
         self._real_root = os.path.realpath(root)
         self._directory_is_inside: dict[str, bool] = {}
-        try:
-            self._name_max = os.pathconf(self._real_root, "PC_NAME_MAX")
-        except (OSError, ValueError):  # the root does not exist yet, or no such query here
-            self._name_max = DEFAULT_NAME_MAX
+        self._name_max = longest_name(self._real_root)
 
     def _is_inside(self, path: str) -> bool:
         real_path = os.path.realpath(os.path.join(self._real_root, path))
@@ -87,6 +84,15 @@ class ImageRoot:
         if escapes:
             raise RejectedError("unsafe_filename", filename)
         return path
+
+
+def longest_name(directory: str | Path) -> int:
+    """The most bytes one part of a path may have under `directory` (the file system's NAME_MAX)."""
+    try:
+        longest = os.pathconf(directory, "PC_NAME_MAX")
+    except (OSError, ValueError):  # the directory does not exist yet, or no such query here
+        return DEFAULT_NAME_MAX
+    return longest if longest > 0 else DEFAULT_NAME_MAX  # -1: no limit stated
 
 
 def reason_for_path_error(error: OSError) -> str:
