@@ -18,7 +18,6 @@ recall@10 against the exact one.
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -279,20 +278,12 @@ def per_million(rows: list[dict]) -> dict:
 
 
 def machine() -> dict[str, object]:
-    """The CPU model, core count, GPU if any, and the versions that the figures depend on."""
+    """The machine and versions of `benchmarks._machine.machine`, plus faiss's."""
     import faiss
-    import torch
 
-    from benchmarks._machine import cpu_model
+    from benchmarks._machine import machine as base_machine
 
-    return {
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "faiss": faiss.__version__,
-    }
+    return {**base_machine(), "faiss": faiss.__version__}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

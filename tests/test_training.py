@@ -348,15 +348,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def torchrun_two_processes(arg_file: Path) -> None:
+    """train_clip.py on `arg_file` in 2 processes under torchrun; fails the test with its stderr."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
+    command = [*launcher, str(free_port()), str(REPO / "train_clip.py"), "--train_args_file", str(arg_file)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def test_two_process_gloo_training(tiny_towers, shapes_data, tmp_path):
     output = tmp_path / "ddp"
     values = tiny_run_args(tiny_towers, shapes_data, output, max_steps=3, ddp_backend="gloo")
     args = write_args(tmp_path / "a.json", **values)
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
-    command = [*launcher, str(free_port()), str(REPO / "train_clip.py"), "--train_args_file", str(args)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun_two_processes(args)
     state = json.loads((output / "trainer_state.json").read_text())
     assert state["global_step"] == 3
     assert json.loads((output / "eval_results.json").read_text())["eval_mean_recall"] > 0
@@ -371,11 +376,7 @@ def test_two_processes_share_the_feature_cache_work(tiny_towers, shapes_data, tm
     output = tmp_path / "ddp"
     values = tiny_run_args(tiny_towers, shapes_data, output, ddp_backend="gloo", **common)
     args = write_args(tmp_path / "a.json", **values)
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
-    command = [*launcher, str(free_port()), str(REPO / "train_clip.py"), "--train_args_file", str(args)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun_two_processes(args)
     cache, reference = output / "image_feature_cache", single / "image_feature_cache"
     assert not list(cache.glob("*.part-*"))
     names = sorted(path.name for path in reference.glob("*.npy"))
