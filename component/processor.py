@@ -81,10 +81,21 @@ class ImageTransform:
         return self.crop or self.resize_to or (self.shortest_edge, self.shortest_edge)
 
     def load(self, path: str | Path, draft: bool = True) -> Image.Image:
-        """Open, fully decode and orient an image file as RGB."""
+        """Open, fully decode and orient an image file as RGB.
+
+        Raises `Image.DecompressionBombError` when the pixels to decode (after draft mode) exceed
+        Pillow's `Image.MAX_IMAGE_PIXELS`, before decoding them: Pillow itself only warns up to
+        twice that, and such an image costs hundreds of megabytes in each worker.
+        """
         with Image.open(path) as image:
             if draft and image.format == "JPEG":
                 image.draft("RGB", self._draft_size(image.size))
+            width, height = image.size  # what will be decoded
+            if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+                raise Image.DecompressionBombError(
+                    f"{path}: {width} x {height} pixels to decode, more than the limit of "
+                    f"{Image.MAX_IMAGE_PIXELS} (PIL.Image.MAX_IMAGE_PIXELS)"
+                )
             image = ImageOps.exif_transpose(image)
             return image.convert("RGB")
 

@@ -54,3 +54,16 @@ def test_exif_orientation_is_applied(tiny_checkpoint, tmp_path):
     image.save(tmp_path / "rotated.jpg", exif=exif)
     transform = ImageTransform.from_processor(load_processor(tiny_checkpoint))
     assert transform.load(tmp_path / "rotated.jpg").size == (30, 60)
+
+
+def test_images_over_the_pixel_limit_are_refused_before_decoding(tiny_checkpoint, tmp_path, monkeypatch):
+    transform = ImageTransform.from_processor(load_processor(tiny_checkpoint))
+    Image.new("RGB", (200, 200), "red").save(tmp_path / "big.png")
+    Image.new("RGB", (190, 190), "blue").save(tmp_path / "big.jpg")  # under Pillow's own 2x check
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)
+    with pytest.raises(Image.DecompressionBombError, match=r"big\.png: 200 x 200 pixels"):
+        transform.load(tmp_path / "big.png")
+    # a JPEG counts at the reduced scale draft mode decodes it at (1/4 here)
+    assert transform.load(tmp_path / "big.jpg").size == (48, 48)
+    with pytest.raises(Image.DecompressionBombError):
+        transform.load(tmp_path / "big.jpg", draft=False)
