@@ -56,6 +56,7 @@ def test_exif_orientation_is_applied(tiny_checkpoint, tmp_path):
     assert transform.load(tmp_path / "rotated.jpg").size == (30, 60)
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Pillow warns at open
 def test_images_over_the_pixel_limit_are_refused_before_decoding(tiny_checkpoint, tmp_path, monkeypatch):
     transform = ImageTransform.from_processor(load_processor(tiny_checkpoint))
     Image.new("RGB", (200, 200), "red").save(tmp_path / "big.png")
