@@ -133,7 +133,18 @@ def build_index(
     dtype: EmbeddingDtype | None = None,
     progress: bool = False,
 ) -> "RetrievalIndex":
-    """Create or update the index in `output`, holding its lock; see `RetrievalIndex.build`."""
+    """Encode the images of `source` not yet in the index in `output` and write the index, holding
+    its lock (`RetrievalIndex.build` is this function).
+
+    Images no longer in `source` are dropped; unreadable ones are skipped and listed in
+    `info.last_run["unreadable"]`. An index built by another model (or from another image root)
+    is refused.
+
+    Args:
+        index_type: "exact" (flat inner product), "approximate" (IVF), or "auto": exact up to
+            `EXACT_INDEX_LIMIT` vectors.
+        dtype: how embeddings are stored; default float16, or the existing index's.
+    """
     output = Path(output)
     check_output_directory(output)  # before a lock file goes into it
     with index_lock(output):
@@ -258,32 +269,7 @@ class RetrievalIndex:
         if info.index_type == "approximate":
             faiss.extract_index_ivf(vectors).nprobe = info.ivf_probed_lists
 
-    @classmethod
-    def build(
-        cls,
-        model_name_or_path: str | Path,
-        output: str | Path,
-        source: ImageSource,
-        batch_size: int = 64,
-        device: str | torch.device | None = None,
-        index_type: IndexType = "auto",
-        dtype: EmbeddingDtype | None = None,
-        progress: bool = False,
-    ) -> "RetrievalIndex":
-        """Encode the images of `source` not yet in the index in `output` and write the index.
-
-        Images no longer in `source` are dropped; unreadable ones are skipped and listed in
-        `info.last_run["unreadable"]`. An index built by another model (or from another image root)
-        is refused.
-
-        Args:
-            index_type: "exact" (flat inner product), "approximate" (IVF), or "auto": exact up to
-                `EXACT_INDEX_LIMIT` vectors.
-            dtype: how embeddings are stored; default float16, or the existing index's.
-        """
-        return build_index(
-            model_name_or_path, output, source, batch_size, device, index_type, dtype, progress
-        )
+    build = staticmethod(build_index)  # create or update an index; see `build_index`
 
     @classmethod
     def load(
