@@ -9,6 +9,11 @@ import torch.nn.functional as F
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP caps the inverse temperature at 100
 
 
+def world_size() -> int:
+    """The processes of the initialised process group, or 1 when there is none."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 class _AllGatherWithGrad(torch.autograd.Function):
     """all_gather whose backward sums every rank's gradient for the local rows."""
 
@@ -34,7 +39,7 @@ def gather_with_grad(features: torch.Tensor) -> tuple[torch.Tensor, int]:
     Returns the global tensor [world * batch, dim] and the row offset of this rank's rows.
     Without an initialised process group of more than one rank it returns `features` unchanged.
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if world_size() == 1:
         return features, 0
     # Summing gradients into the local rows means that averaging gradients over ranks,
     # as DDP does, gives exactly the gradient of the loss on the global batch.

@@ -13,7 +13,7 @@ from transformers.trainer_callback import ExportableState
 from component.dataset import BadImageError
 from component.freezing import parameter_groups, unlock_vision_tower
 from component.grad_cache import gradient_cached_backward, split_batch
-from component.loss import MAX_LOGIT_SCALE
+from component.loss import MAX_LOGIT_SCALE, world_size
 from component.metrics import retrieval_metrics
 from datatools.atomic import write_json_atomic
 
@@ -111,7 +111,7 @@ class CLIPTrainer(Trainer):
         # DDP only synchronises parameters that were trainable when it wrapped the model; an image
         # tower unlocked later is averaged here. Averaging already-equal gradients changes nothing,
         # so this is also right for gradients DDP has synchronised.
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if world_size() == 1:
             return
         unwrapped = self.accelerator.unwrap_model(self.model)
         if self.tower_args.unlock_vision_at is None or not unwrapped.visual_projection.weight.requires_grad:
@@ -248,7 +248,7 @@ class CheckpointMarkerCallback(TrainerCallback):
     """Mark a checkpoint complete once every file of it is written, so a resume never picks a torn one."""
 
     def on_save(self, args, state, control, **kwargs):
-        if dist.is_available() and dist.is_initialized():
+        if world_size() > 1:
             dist.barrier()  # every rank has written its part (RNG state, optimizer shards)
         if not args.should_save:
             return

@@ -14,6 +14,7 @@ from component.collator import ImageTextCollator
 from component.dataset import ImageTextDataset, read_image_text_csv
 from component.feature_cache import CachedImageTextDataset, Shard, load_or_build_cache
 from component.freezing import apply_tower_locks
+from component.loss import world_size
 from component.model import BertCLIPModel
 from component.processor import ImageTransform, build_processor, check_tokenizer_fits, load_processor
 from component.trainer import (
@@ -82,7 +83,7 @@ def build_datasets(data_args: DataArguments, transform: ImageTransform):
 def cache_shard() -> Shard:
     """This process's share of the feature-cache work under torchrun, with a barrier that waits
     as long as the cache pass takes (the training group's ddp_timeout would end it at 30 minutes)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if world_size() == 1:
         return Shard()
     group = dist.new_group(backend="gloo", timeout=CACHE_BARRIER_TIMEOUT)
     return Shard(dist.get_rank(), dist.get_world_size(), lambda: dist.barrier(group=group))
