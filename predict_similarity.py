@@ -11,7 +11,6 @@ mode every input is scored against every other, and a self-match gets probabilit
 
 import argparse
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -29,7 +28,7 @@ from component.encoding import (
     similarity_scores,
     top_candidates,
 )
-from component.interop import CheckpointError
+from datatools.errors import report_user_errors
 
 Mode = Literal["image-text", "text-text", "image-image"]
 MODES: tuple[Mode, ...] = ("image-text", "text-text", "image-image")
@@ -220,11 +219,7 @@ def run(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Parse the command line and run; a bad input ends with "error: ..." and exit status 2."""
     args = parse_args(argv)
-    try:
-        run(args)
-    except (InputError, CheckpointError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+    report_user_errors(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -18,12 +18,12 @@ from pathlib import Path
 
 from component.cli import pick_device, positive_int
 from component.encoding import InputError
-from component.interop import CheckpointError
 from component.retrieval import RetrievalIndex, SearchResult, results_document
 from component.retrieval_images import images_in_csv, images_in_directory
 from component.retrieval_server import serve
 from component.retrieval_store import EMBEDDING_DTYPES
 from component.retrieval_vectors import INDEX_TYPES
+from datatools.errors import report_user_errors
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -139,11 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     """Parse the command line and run it; a bad input ends with "error: ..." and exit status 2."""
     args = parse_args(argv)
     commands = {"index": run_index, "search": run_search, "serve": run_serve}
-    try:
-        commands[args.command](args)
-    except (InputError, CheckpointError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+    report_user_errors(lambda: commands[args.command](args))
 
 
 if __name__ == "__main__":

@@ -6,13 +6,9 @@ torchrun --nproc_per_node 8 train_clip.py --train_args_file train_args/train_cli
 
 import argparse
 import logging
-import sys
 
-from component.argument import ArgumentError, describe_arguments, parse_train_args
-from component.dataset import BadImageError, DataError
-from component.interop import CheckpointError
-
-USER_ERRORS = (ArgumentError, CheckpointError, DataError, FileNotFoundError, BadImageError)
+from component.argument import describe_arguments, parse_train_args
+from datatools.errors import report_user_errors
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -32,11 +28,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     from component.training import run_training  # heavy imports after the arguments are read
 
-    try:
-        return run_training(*parse_train_args(options.train_args_file))
-    except USER_ERRORS as error:  # what the user must fix; anything else is a bug and keeps its traceback
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2 if not isinstance(error, BadImageError) else 1) from None
+    # what the user must fix is one line (exit 2, or 1 on bad data); anything else keeps its traceback
+    return report_user_errors(lambda: run_training(*parse_train_args(options.train_args_file)))
 
 
 if __name__ == "__main__":

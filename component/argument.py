@@ -8,8 +8,10 @@ from pathlib import Path
 
 from transformers import HfArgumentParser, TrainingArguments
 
+from datatools.errors import UserError
 
-class ArgumentError(ValueError):
+
+class ArgumentError(UserError, ValueError):
     """A bad training configuration; the message names the file, key and value."""
 
 

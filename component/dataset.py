@@ -10,6 +10,7 @@ import pandas as pd
 from torch.utils.data import Dataset
 
 from component.processor import ImageTransform
+from datatools.errors import DataStopError, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class ImageTextRows:
         return len(self.texts)
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A training or test CSV the user must fix; the message names the file."""
 
 
@@ -62,7 +63,7 @@ def read_image_text_csv(path: str | Path) -> ImageTextRows:
     """Read `text` and `filename` columns (others ignored); rows with missing or blank text are dropped."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such CSV file")
+        raise DataError(f"{path}: no such CSV file")
     try:
         frame = pd.read_csv(path, usecols=lambda c: c in REQUIRED_COLUMNS, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as error:
@@ -88,7 +89,7 @@ def coprime_stride(n: int) -> int:
     return stride
 
 
-class BadImageError(RuntimeError):
+class BadImageError(DataStopError, RuntimeError):
     """Too many images failed to load for the run to be trustworthy."""
 
 

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from component.model import BertCLIPModel
 from component.processor import ImageTransform, check_tokenizer_fits, load_processor, tokenize
+from datatools.errors import UserError
 
 ImageInput = str | Path | Image.Image
 
@@ -41,7 +42,7 @@ ZERO_SHOT_TEMPLATES: tuple[str, ...] = (
 _IMAGE_LOADING_THREADS = 8
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """An input the user must fix (a missing or unreadable file, an empty list); the message names it."""
 
 

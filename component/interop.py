@@ -14,6 +14,7 @@ from transformers import (
 from transformers.utils import logging
 
 from component.configuration import BertCLIPConfig
+from datatools.errors import UserError
 
 logger = logging.get_logger(__name__)
 
@@ -21,7 +22,7 @@ logger = logging.get_logger(__name__)
 _CLASS_KEYS = ("model_type", "architectures", "_name_or_path", "transformers_version")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint directory that cannot be loaded; the message names the file and the fix."""
 
 

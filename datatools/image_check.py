@@ -20,6 +20,8 @@ from typing import IO
 
 from PIL import Image, UnidentifiedImageError
 
+from datatools.errors import UserError
+
 # Pillow's own default, stated here so that our limit never depends on someone changing the global.
 DEFAULT_MAX_PIXELS = 89_478_485
 DEFAULT_MIN_SIDE = 10
@@ -274,7 +276,7 @@ def _merge_batch(
         yield row, reason if path is None else next(image_reasons)
 
 
-class InputError(Exception):
+class InputError(UserError):
     """Input the user must fix (a missing file or column, a malformed CSV); the message says which."""
 
 
