@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from component.model import BertCLIPModel
 from component.processor import ImageTransform, check_tokenizer_fits, load_processor, tokenize
 from datatools.errors import UserError
+from datatools.images import RejectedError
 
 ImageInput = str | Path | Image.Image
 
@@ -150,12 +151,12 @@ def image_array(transform: ImageTransform, image: ImageInput) -> np.ndarray:
     if isinstance(image, Image.Image):
         return transform(image.convert("RGB"))
     path = Path(image)
-    if not path.is_file():
-        raise InputError(f"{path}: no such image file")
     try:
         return transform(transform.load(path, draft=True))
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise InputError(f"{path}: cannot read the image ({error})") from error
+    except RejectedError as error:
+        if error.reason == "missing_file":
+            raise InputError(f"{path}: no such image file") from None
+        raise InputError(f"{path}: cannot read the image ({error})") from None
 
 
 def encode_images(

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from transformers import (
     AutoImageProcessor,
     AutoProcessor,
@@ -14,6 +14,7 @@ from transformers import (
 )
 
 from component.interop import CheckpointError
+from datatools.images import MAX_PIXELS, load_rgb
 
 
 def build_processor(clip_path: str | Path, bert_path: str | Path) -> VisionTextDualEncoderProcessor:
@@ -80,24 +81,13 @@ class ImageTransform:
         """(height, width) of the pixel values."""
         return self.crop or self.resize_to or (self.shortest_edge, self.shortest_edge)
 
-    def load(self, path: str | Path, draft: bool = True) -> Image.Image:
-        """Open, fully decode and orient an image file as RGB.
+    def load(self, path: str | Path, draft: bool = True, max_pixels: int = MAX_PIXELS) -> Image.Image:
+        """Open, fully decode and orient an image file as RGB (`datatools.images.load_rgb`).
 
-        Raises `Image.DecompressionBombError` when the pixels to decode (after draft mode) exceed
-        Pillow's `Image.MAX_IMAGE_PIXELS`, before decoding them: Pillow itself only warns up to
-        twice that, and such an image costs hundreds of megabytes in each worker.
+        Only regular files are read, and an image with more than `max_pixels` pixels to decode
+        (after draft mode) is refused before decoding. Raises `RejectedError` with the reason.
         """
-        with Image.open(path) as image:
-            if draft and image.format == "JPEG":
-                image.draft("RGB", self._draft_size(image.size))
-            width, height = image.size  # what will be decoded
-            if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
-                raise Image.DecompressionBombError(
-                    f"{path}: {width} x {height} pixels to decode, more than the limit of "
-                    f"{Image.MAX_IMAGE_PIXELS} (PIL.Image.MAX_IMAGE_PIXELS)"
-                )
-            image = ImageOps.exif_transpose(image)
-            return image.convert("RGB")
+        return load_rgb(path, max_pixels, draft_size=self._draft_size if draft else None)
 
     def _draft_size(self, size: tuple[int, int]) -> tuple[int, int]:
         width, height = size

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
-from PIL import Image, ImageOps
+from PIL import Image
 
 from datatools.atomic import atomic_file, write_json_atomic
 from datatools.fetch import (
@@ -39,6 +39,7 @@ from datatools.image_check import (
     open_image,
     reason_for_path_error,
 )
+from datatools.images import to_rgb, upright
 
 REPORT_NAME = "download_report.json"
 FAILED_NAME = "download_failed.csv"
@@ -48,21 +49,6 @@ JPEG_QUALITY = 90
 DEFAULT_OPEN_FILE_LIMIT = 2**20  # where the system states none
 # No later row can escape these: a full, over-quota or read-only disk, or no file descriptors left.
 FATAL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, *OUT_OF_DESCRIPTORS})
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """RGB pixels; transparency is composited onto white, 16-bit grey scaled down to 8 bits."""
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
-        image = image.convert("I").point(lambda value: value / 256).convert("L")
-    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La")
-    if has_alpha or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGB", rgba.size, (255, 255, 255))
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
-    return image.convert("RGB")
 
 
 def _shrunk_size(size: tuple[int, int], short_side: int) -> tuple[int, int]:
@@ -92,13 +78,10 @@ def to_training_jpeg(data: bytes, short_side: int = 256, max_pixels: int = DEFAU
             image.draft(None, target)  # DCT scaling by 1/2, 1/4 or 1/8, never below `target`
         image.decodermaxblock = len(data)  # one decode call: the GIL is released and taken once
         decode_fully(image)
-        try:
-            upright = ImageOps.exif_transpose(image)
-        except Exception:  # a malformed EXIF block must not lose an otherwise good image
-            upright = image
-        if upright.size != image.size:  # turned by 90 degrees
+        turned = upright(image)
+        if turned.size != image.size:  # turned by 90 degrees
             target = target[::-1]
-        rgb = _to_rgb(upright)
+        rgb = to_rgb(turned)
         if rgb.size != target:
             rgb = rgb.resize(target, Image.Resampling.BILINEAR)  # Pillow antialiases when shrinking
         buffer = io.BytesIO()

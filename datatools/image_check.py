@@ -16,28 +16,18 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
-from typing import IO
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from datatools.errors import UserError
+from datatools.images import MAX_PIXELS, RejectedError, open_image, reason_for_decode_error
 
-# Pillow's own default, stated here so that our limit never depends on someone changing the global.
-DEFAULT_MAX_PIXELS = 89_478_485
+DEFAULT_MAX_PIXELS = MAX_PIXELS
 DEFAULT_MIN_SIDE = 10
 DEFAULT_MAX_ASPECT_RATIO = 10.0
 DEFAULT_NAME_MAX = 255  # bytes in one part of a path, on most file systems
 # Modes whose conversion to RGB is routine; anything else is converted once as part of the check.
 COMMON_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr"})
-
-
-class RejectedError(Exception):
-    """A row or image that must not be used; `reason` is a short stable identifier."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
 
 
 class ImageRoot:
@@ -107,42 +97,6 @@ def safe_image_path(root: str | Path, filename: str) -> Path:
     return ImageRoot(root).path(filename)
 
 
-def _reason_for_decode_error(error: Exception) -> str:
-    """Map Pillow's decode exceptions to a reason: truncation is common enough to name apart."""
-    return "truncated" if "truncated" in str(error).lower() else "decode_error"
-
-
-def open_image(source: str | Path | IO[bytes], max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open an image (header only, no pixels decoded), refusing non-images and decompression bombs.
-
-    Args:
-        source: a path or a binary file object.
-        max_pixels: images with more pixels than this are refused as `decompression_bomb`
-            (Pillow itself refuses anything over twice its global limit; that is mapped the same).
-    """
-    try:
-        image = Image.open(source)
-    except Image.DecompressionBombError as error:
-        raise RejectedError("decompression_bomb", str(error)) from None
-    except UnidentifiedImageError:
-        raise RejectedError("not_an_image") from None
-    except FileNotFoundError:
-        raise RejectedError("missing_file") from None
-    except OSError as error:
-        reason = "unreadable" if error.errno is not None else _reason_for_decode_error(error)
-        raise RejectedError(reason, str(error)) from None
-    except (SyntaxError, ValueError, EOFError) as error:
-        raise RejectedError(_reason_for_decode_error(error), str(error)) from None
-    width, height = image.size
-    if width * height > max_pixels:
-        image.close()
-        raise RejectedError("decompression_bomb", f"{width}x{height} pixels > {max_pixels}")
-    if width < 1 or height < 1:
-        image.close()
-        raise RejectedError("decode_error", f"size {width}x{height}")
-    return image
-
-
 def decode_fully(image: Image.Image) -> None:
     """Decode every pixel of the current frame, mapping Pillow's errors to reasons."""
     try:
@@ -152,7 +106,7 @@ def decode_fully(image: Image.Image) -> None:
     except Image.DecompressionBombError as error:
         raise RejectedError("decompression_bomb", str(error)) from None
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as error:
-        raise RejectedError(_reason_for_decode_error(error), str(error)) from None
+        raise RejectedError(reason_for_decode_error(error), str(error)) from None
 
 
 def check_image(
