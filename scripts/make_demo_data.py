@@ -4,10 +4,7 @@ python scripts/make_demo_data.py --output demo_workdir
 """
 
 import argparse
-import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def main(argv: list[str] | None = None) -> Path:

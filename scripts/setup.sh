@@ -14,6 +14,6 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     echo "setup: installing torch 2.13.0"
     "${PIP[@]}" "torch==2.13.0"
 fi
-echo "setup: installing requirements"
-"${PIP[@]}" -r requirements.txt -r requirements-dev.txt
+echo "setup: installing the toolkit (pip install -e .) with its requirements and the dev tools"
+"${PIP[@]}" -e ".[dev]"
 .venv/bin/python -c "import torch, transformers; print(f'setup: torch {torch.__version__}, transformers {transformers.__version__}')"
