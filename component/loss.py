@@ -1,6 +1,14 @@
-"""Symmetric contrastive (InfoNCE) loss over image-text pairs, with global negatives across ranks."""
+"""The contrastive losses over image-text pairs, chosen by name, with global negatives across ranks.
+
+Each loss is a pure function: L2-normalised embeddings of this rank's rows and the model's scales
+in, a scalar out. Under torchrun every rank's rows meet every other rank's, through a gather that
+keeps gradients, so averaging gradients over ranks (as DDP does) gives exactly the gradient of the
+loss over the global batch. Adding a loss is one function here and one entry in `LOSSES`.
+"""
 
 import math
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -46,8 +54,18 @@ def gather_with_grad(features: torch.Tensor) -> tuple[torch.Tensor, int]:
     return _AllGatherWithGrad.apply(features.contiguous()), dist.get_rank() * features.shape[0]
 
 
+def _check_pairs(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> None:
+    if image_embeds.shape != text_embeds.shape:
+        raise ValueError(
+            f"image and text embeddings differ in shape: {image_embeds.shape} vs {text_embeds.shape}"
+        )
+
+
 def contrastive_loss(
-    image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean of image->text and text->image cross-entropy; row i of each input is a matching pair.
 
@@ -55,14 +73,13 @@ def contrastive_loss(
         image_embeds: L2-normalised image embeddings of this rank, [batch, dim].
         text_embeds: L2-normalised text embeddings of this rank, [batch, dim].
         logit_scale: log of the inverse temperature, clamped to at most ln(100).
+        logit_bias: not used by this loss (a softmax ignores a constant); accepted so that every
+            loss takes the same arguments.
 
     When `torch.distributed` runs with several ranks, each rank's rows are contrasted
     against the whole global batch.
     """
-    if image_embeds.shape != text_embeds.shape:
-        raise ValueError(
-            f"image and text embeddings differ in shape: {image_embeds.shape} vs {text_embeds.shape}"
-        )
+    _check_pairs(image_embeds, text_embeds)
     scale = logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
     all_image_embeds, offset = gather_with_grad(image_embeds)
     all_text_embeds, _ = gather_with_grad(text_embeds)
@@ -73,3 +90,49 @@ def contrastive_loss(
     image_loss = F.cross_entropy(logits_per_image.to(dtype), labels)
     text_loss = F.cross_entropy(logits_per_text.to(dtype), labels)
     return (image_loss + text_loss) / 2
+
+
+def siglip_loss(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sigmoid loss (Zhai et al. 2023, "Sigmoid Loss for Language Image Pre-Training").
+
+    The sum over every image-text pair of -log sigmoid(z * (exp(logit_scale) * x_i . y_j + logit_bias)),
+    z = +1 for a matching pair and -1 otherwise, divided by the number of images (open_clip's
+    normalisation). The scale is not clamped. Under torchrun this rank's images meet the texts of
+    every rank, so the mean over ranks is the loss of one process over the global batch.
+
+    Args:
+        image_embeds: L2-normalised image embeddings of this rank, [batch, dim].
+        text_embeds: L2-normalised text embeddings of this rank, [batch, dim].
+        logit_scale: log of the scale, a scalar.
+        logit_bias: the learnt bias, a scalar (SigLIP starts it at -10).
+    """
+    _check_pairs(image_embeds, text_embeds)
+    if logit_bias is None:
+        raise ValueError("the siglip loss needs the model's logit_bias")
+    all_text_embeds, offset = gather_with_grad(text_embeds)
+    dtype = torch.promote_types(image_embeds.dtype, torch.float32)  # no half-precision log-sigmoid
+    logits = logit_scale.exp() * image_embeds.to(dtype) @ all_text_embeds.to(dtype).T + logit_bias
+    signs = -torch.ones_like(logits)  # [batch, global batch]
+    rows = torch.arange(image_embeds.shape[0], device=logits.device)
+    signs[rows, rows + offset] = 1.0
+    return -F.logsigmoid(signs * logits).sum() / image_embeds.shape[0]
+
+
+LossName = Literal["clip", "siglip"]
+LossFunction = Callable[..., torch.Tensor]
+LOSSES: dict[str, LossFunction] = {"clip": contrastive_loss, "siglip": siglip_loss}
+# The scales a model starts with when it is first trained with SigLIP (open_clip's initialisation).
+SIGLIP_INIT_LOGIT_SCALE = math.log(10.0)
+SIGLIP_INIT_LOGIT_BIAS = -10.0
+
+
+def get_loss(name: str) -> LossFunction:
+    """The loss function called `name` ("clip" or "siglip")."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}")
+    return LOSSES[name]

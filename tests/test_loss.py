@@ -1,15 +1,16 @@
-"""The contrastive loss against a hand computation, and global negatives across 2 gloo ranks."""
+"""The losses against hand computations, and global negatives across 2 gloo ranks."""
 
 import math
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from component.loss import MAX_LOGIT_SCALE, contrastive_loss
+from component.loss import MAX_LOGIT_SCALE, contrastive_loss, get_loss, siglip_loss
 
 
 def naive_loss(image_embeds, text_embeds, logit_scale):
@@ -23,6 +24,18 @@ def naive_loss(image_embeds, text_embeds, logit_scale):
         total += -image_row[i] + math.log(sum(math.exp(x) for x in image_row))
         total += -text_row[i] + math.log(sum(math.exp(x) for x in text_row))
     return total / (2 * n)
+
+
+def naive_siglip_loss(image_embeds, text_embeds, logit_scale, logit_bias):
+    """SigLIP's loss written out pair by pair: -log sigmoid(z * logit), summed, over the image count."""
+    n = image_embeds.shape[0]
+    total = 0.0
+    for i in range(n):
+        for j in range(n):
+            logit = math.exp(logit_scale) * float(image_embeds[i] @ text_embeds[j]) + logit_bias
+            z = 1.0 if i == j else -1.0
+            total += math.log1p(math.exp(-z * logit))
+    return total / n
 
 
 def random_embeds(n, dim, seed):
@@ -50,6 +63,28 @@ def test_perfect_alignment_gives_low_loss():
     assert contrastive_loss(embeds, embeds, torch.tensor(MAX_LOGIT_SCALE)).item() < 1e-6
 
 
+def test_siglip_loss_matches_hand_computation():
+    images, texts = random_embeds(5, 8, 4), random_embeds(5, 8, 5)
+    scale, bias = torch.tensor(1.7, dtype=torch.float64), torch.tensor(-3.0, dtype=torch.float64)
+    loss = siglip_loss(images, texts, scale, bias)
+    assert abs(loss.item() - naive_siglip_loss(images, texts, 1.7, -3.0)) < 1e-9
+
+
+def test_siglip_scale_is_not_clamped():
+    images, texts = random_embeds(4, 8, 6), random_embeds(4, 8, 7)
+    scale = torch.tensor(6.0, dtype=torch.float64, requires_grad=True)  # beyond ln(100)
+    loss = siglip_loss(images, texts, scale, torch.tensor(-10.0, dtype=torch.float64))
+    assert abs(loss.item() - naive_siglip_loss(images, texts, 6.0, -10.0)) < 1e-9
+    loss.backward()
+    assert scale.grad.item() != 0.0
+
+
+def test_losses_are_chosen_by_name():
+    assert get_loss("clip") is contrastive_loss and get_loss("siglip") is siglip_loss
+    with pytest.raises(ValueError, match="unknown loss 'sigmoid'"):
+        get_loss("sigmoid")
+
+
 WORLD, LOCAL_BATCH, DIM_IN, DIM_OUT = 2, 3, 5, 4
 
 
@@ -61,15 +96,20 @@ def tower_inputs():
     return image_inputs, text_inputs, weights
 
 
-def loss_and_grads(image_inputs, text_inputs, weights):
-    """Loss of two linear 'towers' and the gradients of their weights and of the logit scale."""
+def loss_and_grads(image_inputs, text_inputs, weights, loss_name="clip"):
+    """Loss of two linear 'towers' and the gradients of their weights, the logit scale and bias."""
     image_weight, text_weight = (w.clone().requires_grad_(True) for w in weights)
     logit_scale = torch.tensor(2.3, dtype=torch.float64, requires_grad=True)
+    logit_bias = torch.tensor(-2.0, dtype=torch.float64, requires_grad=True)
     image_embeds = F.normalize(image_inputs @ image_weight, dim=-1)
     text_embeds = F.normalize(text_inputs @ text_weight, dim=-1)
-    loss = contrastive_loss(image_embeds, text_embeds, logit_scale)
+    loss = get_loss(loss_name)(image_embeds, text_embeds, logit_scale, logit_bias)
     loss.backward()
-    return loss.detach(), [image_weight.grad, text_weight.grad, logit_scale.grad]
+    bias_grad = logit_bias.grad if logit_bias.grad is not None else torch.zeros_like(logit_bias)
+    return loss.detach(), [image_weight.grad, text_weight.grad, logit_scale.grad, bias_grad]
+
+
+LOSS_NAMES = ("clip", "siglip")
 
 
 def distributed_worker(rank, port, queue):
@@ -77,14 +117,15 @@ def distributed_worker(rank, port, queue):
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     image_inputs, text_inputs, weights = tower_inputs()
     rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
-    loss, grads = loss_and_grads(image_inputs[rows], text_inputs[rows], weights)
-    # What DDP does: average the loss and each gradient over ranks.
-    for tensor in [loss, *grads]:
-        dist.all_reduce(tensor)
-        tensor /= WORLD
-    # As numpy arrays, which pickle by value: a tensor would travel as a shared-memory file handle
-    # that the parent cannot open once this process has exited.
-    queue.put((rank, loss.numpy(), [grad.numpy() for grad in grads]))
+    for loss_name in LOSS_NAMES:
+        loss, grads = loss_and_grads(image_inputs[rows], text_inputs[rows], weights, loss_name)
+        # What DDP does: average the loss and each gradient over ranks.
+        for tensor in [loss, *grads]:
+            dist.all_reduce(tensor)
+            tensor /= WORLD
+        # As numpy arrays, which pickle by value: a tensor would travel as a shared-memory file
+        # handle that the parent cannot open once this process has exited.
+        queue.put((loss_name, loss.numpy(), [grad.numpy() for grad in grads]))
     dist.destroy_process_group()
 
 
@@ -94,19 +135,19 @@ def free_port():
         return sock.getsockname()[1]
 
 
-def test_two_rank_loss_and_gradients_equal_single_process():
+def test_two_rank_losses_and_gradients_equal_single_process():
     context = mp.get_context("spawn")
     queue = context.Queue()
     port = free_port()
     processes = [context.Process(target=distributed_worker, args=(r, port, queue)) for r in range(WORLD)]
     for process in processes:
         process.start()
-    results = [queue.get(timeout=120) for _ in range(WORLD)]
+    results = [queue.get(timeout=120) for _ in range(WORLD * len(LOSS_NAMES))]
     for process in processes:
         process.join(timeout=60)
         assert process.exitcode == 0
-    expected_loss, expected_grads = loss_and_grads(*tower_inputs())
-    for _, loss, grads in results:
+    for loss_name, loss, grads in results:
+        expected_loss, expected_grads = loss_and_grads(*tower_inputs(), loss_name)
         torch.testing.assert_close(torch.from_numpy(loss), expected_loss, atol=1e-10, rtol=1e-10)
         for got, want in zip(grads, expected_grads, strict=True):
             torch.testing.assert_close(torch.from_numpy(got), want, atol=1e-10, rtol=1e-10)
