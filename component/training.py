@@ -1,5 +1,6 @@
 """One training run, step by step: build, load data, lock towers, train, evaluate, save."""
 
+import json
 import logging
 import os
 from datetime import timedelta
@@ -16,7 +17,20 @@ from component.feature_cache import CachedImageTextDataset, Shard, load_or_build
 from component.freezing import apply_tower_locks
 from component.loss import world_size
 from component.model import BertCLIPModel
+from component.model_card import model_card, write_model_card
 from component.processor import ImageTransform, build_processor, check_tokenizer_fits, load_processor
+from component.run_output import (
+    ARGS_FILE,
+    ArgumentsRecordCallback,
+    RunInterrupted,
+    arguments_record,
+    changed_arguments,
+    finished_run,
+    mark_finished,
+    output_dir_lock,
+    save_final_model,
+    stop_when_disk_full,
+)
 from component.trainer import (
     BadImageTracker,
     CheckpointMarkerCallback,
@@ -27,10 +41,12 @@ from component.trainer import (
     min_samples_before_bad_image_check,
     newest_complete_checkpoint,
 )
+from component.training_plot import write_training_plot
 
 logger = logging.getLogger(__name__)
 
 CACHE_BARRIER_TIMEOUT = timedelta(hours=48)  # the slowest process's share of the cache pass
+PLOT_FILE = "training_curves.png"
 
 
 def share_cpu_with_workers(training_args: TrainingArguments) -> None:
@@ -108,8 +124,9 @@ def cache_image_features(model, train_dataset, test_dataset, training_args: Trai
     return tuple(cached)
 
 
-def build_callbacks(tower_args: TowerArguments) -> list:
-    callbacks = [LogitScaleClampCallback(), CheckpointMarkerCallback()]
+def build_callbacks(tower_args: TowerArguments, arguments: dict) -> list:
+    """The toolkit's callbacks; the arguments record is written into a checkpoint before its marker."""
+    callbacks = [LogitScaleClampCallback(), ArgumentsRecordCallback(arguments), CheckpointMarkerCallback()]
     if tower_args.unlock_vision_at is not None:
         patience = tower_args.unlock_patience if tower_args.unlock_vision_at == "plateau" else None
         callbacks.append(VisionUnlockCallback(unlock_step=tower_args.unlock_step, plateau_patience=patience))
@@ -122,15 +139,49 @@ def run_training(
     tower_args: TowerArguments,
     training_args: TrainingArguments,
     extra_callbacks: tuple = (),
+    resume_command: str | None = None,
 ) -> dict:
-    """Train, evaluate and save; re-running the same arguments resumes from the newest complete checkpoint."""
-    # 1. Model, processor and data; seeded first so that new weights (the text projection) repeat.
+    """Train, evaluate and save; re-running the same arguments resumes from the newest complete checkpoint,
+    and re-running a finished run changes nothing.
+
+    resume_command: the command line that started the run, named when Ctrl-C interrupts it.
+    """
     check_one_process_per_gpu(training_args)
+    with output_dir_lock(training_args):  # before the model loads: a bad output_dir fails at once
+        finished = finished_run(training_args)
+        if finished is not None:
+            if training_args.process_index == 0:
+                print(f"{training_args.output_dir}: this run has already finished (step "
+                      f"{finished['global_step']}); nothing to do. To train further raise max_steps "
+                      "or num_train_epochs; to train again choose a new output_dir", flush=True)  # fmt: skip
+            return finished
+        try:
+            return train_evaluate_save(model_args, data_args, tower_args, training_args, extra_callbacks)
+        except KeyboardInterrupt:
+            newest = newest_complete_checkpoint(training_args.output_dir) or "none yet"
+            command = f"`{resume_command}`" if resume_command else "the same command"
+            raise RunInterrupted(
+                f"interrupted; newest complete checkpoint: {newest}; re-run {command} to resume"
+            ) from None
+
+
+def train_evaluate_save(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    tower_args: TowerArguments,
+    training_args: TrainingArguments,
+    extra_callbacks: tuple = (),
+) -> dict:
+    """The run itself, in the output directory the caller has locked."""
+    # 1. Model, processor and data; seeded first so that new weights (the text projection) repeat.
     set_seed(training_args.seed)
     share_cpu_with_workers(training_args)
     model, processor = build_model_and_processor(model_args)
     transform = ImageTransform.from_processor(processor)
     train_dataset, test_dataset = build_datasets(data_args, transform)
+    row_counts = {data_args.train_file: len(train_dataset)}
+    if test_dataset is not None:
+        row_counts[data_args.test_file] = len(test_dataset)
     if tower_args.cache_image_features:
         train_dataset, test_dataset = cache_image_features(model, train_dataset, test_dataset, training_args)
     if test_dataset is not None and training_args.eval_strategy == "no":
@@ -142,6 +193,7 @@ def run_training(
     logger.info(f"trainable parameters: {trainable:,} of {model.num_parameters():,}")
 
     # 3. Train, resuming when an earlier run of this command left a checkpoint.
+    arguments = arguments_record(model_args, data_args, tower_args, training_args)
     tracker = BadImageTracker(
         data_args.max_bad_image_fraction, min_samples_before_bad_image_check(len(train_dataset))
     )
@@ -152,24 +204,78 @@ def run_training(
         train_dataset=train_dataset,
         eval_dataset=test_dataset,
         processing_class=processor,
-        callbacks=[*build_callbacks(tower_args), *extra_callbacks],
+        callbacks=[*build_callbacks(tower_args, arguments), *extra_callbacks],
         tower_args=tower_args,
         bad_image_tracker=tracker,
     )
-    resume = training_args.resume_from_checkpoint or newest_complete_checkpoint(training_args.output_dir)
-    if resume:
-        logger.warning(f"resuming from {resume}")
-    train_result = trainer.train(resume_from_checkpoint=resume)
+    train_metrics = train(trainer, arguments)
+    train_metrics["train_bad_images"] = tracker.bad
 
-    # 4. Save the final model, processor and metrics.
-    trainer.save_model(training_args.output_dir)
-    train_metrics = {**train_result.metrics, "train_bad_images": tracker.bad}
-    trainer.save_metrics("train", train_metrics)
-    trainer.save_state()
-    eval_metrics = None
-    if test_dataset is not None:
-        eval_metrics = trainer.evaluate()
-        trainer.save_metrics("eval", eval_metrics)
+    # 4. Save the final model whole, then the metrics, the curves and the model card.
+    with stop_when_disk_full(training_args.output_dir, "saving the final model"):
+        save_final_model(trainer, training_args.output_dir, {ARGS_FILE: arguments})
+    eval_metrics = trainer.evaluate() if test_dataset is not None else None
+    with stop_when_disk_full(training_args.output_dir, "saving the run's records"):
+        save_records(trainer, arguments, row_counts, train_metrics, eval_metrics)
     if trainer.is_world_process_zero():
         print(log_final_summary(train_metrics, eval_metrics), flush=True)
+        if "resumed_from_checkpoint" in train_metrics:
+            print(resume_summary(train_metrics, trainer.state.global_step), flush=True)
     return {**train_metrics, **(eval_metrics or {})}
+
+
+def resume_point(training_args: TrainingArguments) -> tuple[str | None, int]:
+    """The checkpoint to resume from (the one asked for, else the newest complete one) and its step."""
+    resume = training_args.resume_from_checkpoint or newest_complete_checkpoint(training_args.output_dir)
+    if not resume:
+        return None, 0
+    state = Path(resume) / "trainer_state.json"
+    step = json.loads(state.read_text())["global_step"] if state.is_file() else 0
+    return str(resume), step
+
+
+def train(trainer: CLIPTrainer, arguments: dict) -> dict:
+    """trainer.train(), resumed where a checkpoint exists; the metrics say where it resumed.
+
+    A full disk while saving a checkpoint stops with one line; complete checkpoints are kept.
+    """
+    output_dir = trainer.args.output_dir
+    resume, resumed_at = resume_point(trainer.args)
+    if resume:
+        logger.warning(f"resuming from {resume} (step {resumed_at})")
+        for change in changed_arguments(resume, arguments):
+            logger.warning(f"argument changed since {Path(resume).name}: {change}")
+    with stop_when_disk_full(output_dir, "training (saving a checkpoint)"):
+        metrics = dict(trainer.train(resume_from_checkpoint=resume).metrics)
+    if resume:
+        metrics.update(resumed_from_checkpoint=resume, resumed_at_step=resumed_at)
+        if trainer.state.global_step == resumed_at:
+            metrics.pop("train_loss", None)  # no step was trained: 0.0 would be a made-up loss
+    return metrics
+
+
+def resume_summary(train_metrics: dict, global_step: int) -> str:
+    """The summary line of a resumed run: where it resumed, and that train_loss covers only the rest."""
+    resumed_at = train_metrics["resumed_at_step"]
+    if global_step == resumed_at:
+        return f"resumed from {train_metrics['resumed_from_checkpoint']} at step {resumed_at}: no steps left"
+    return (
+        f"resumed from {train_metrics['resumed_from_checkpoint']} at step {resumed_at}: "
+        f"train_loss covers steps {resumed_at + 1}-{global_step} only"
+    )
+
+
+def save_records(trainer, arguments: dict, row_counts: dict, train_metrics: dict, eval_metrics) -> None:
+    """Metrics, trainer state, the curves (PNG) and the model card, then the marker that the run finished."""
+    trainer.save_metrics("train", train_metrics)
+    if eval_metrics is not None:
+        trainer.save_metrics("eval", eval_metrics)
+    trainer.save_state()
+    if not trainer.is_world_process_zero():
+        return
+    output_dir = Path(trainer.args.output_dir)
+    write_training_plot(output_dir / PLOT_FILE, trainer.state.log_history)
+    metrics = {**train_metrics, **(eval_metrics or {})}
+    model_config = trainer.accelerator.unwrap_model(trainer.model).config
+    write_model_card(output_dir, model_card(arguments, model_config, row_counts, metrics, world_size()))
+    mark_finished(trainer.args, trainer.state.global_step)
