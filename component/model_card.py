@@ -79,7 +79,8 @@ def model_card(record: dict, model_config, row_counts: dict[str, int], metrics: 
         "## Final metrics",
         "",
         *table(
-            [(key, f"{value:.4f}" if isinstance(value, float) else value) for key, value in metrics.items()]
+            [(key, f"{value:.4f}" if isinstance(value, float) else value) for key, value in metrics.items()],
+            ("metric", "value"),
         ),
         "",
         "![training curves](training_curves.png)",

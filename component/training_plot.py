@@ -4,6 +4,7 @@ Drawn with Pillow, which the toolkit already needs for images: two line charts d
 matplotlib as a dependency.
 """
 
+import math
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
@@ -31,11 +32,15 @@ def curves(log_history: list[dict]) -> tuple[Series, Series]:
     return {k: v for k, v in losses.items() if v}, {k: v for k, v in recalls.items() if v}
 
 
-def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
-    """About `count` evenly spaced tick values covering [low, high]."""
-    if high <= low:
-        return [low]
+def value_ticks(low: float, high: float, count: int = 5) -> list[float]:
+    """`count` evenly spaced tick values from `low` to `high`."""
     return [low + (high - low) * i / (count - 1) for i in range(count)]
+
+
+def step_ticks(low: float, high: float, count: int = 5) -> list[int]:
+    """At most about `count` whole steps from `low` to `high`, evenly spaced."""
+    stride = max(1, math.ceil((high - low) / (count - 1)))
+    return list(range(int(low), int(high) + 1, stride))
 
 
 def draw_panel(draw: ImageDraw.ImageDraw, top: int, title: str, series: Series, font) -> None:
@@ -55,15 +60,16 @@ def draw_panel(draw: ImageDraw.ImageDraw, top: int, title: str, series: Series, 
         return (left + (x - x_low) / (x_high - x_low) * (right - left),
                 lower - (y - y_low) / (y_high - y_low) * (lower - upper))  # fmt: skip
 
-    draw.rectangle((left, upper, right, lower), outline="black")
-    for value in nice_ticks(y_low, y_high):
+    for value in value_ticks(y_low, y_high):
         y = position(x_low, value)[1]
         draw.line((left - 4, y, right, y), fill="#dddddd")
-        draw.text((4, y - 6), f"{value:.3g}", fill="black", font=font)
-    for value in nice_ticks(x_low, x_high):
+        draw.text((4, y - 7), f"{value:.3g}", fill="black", font=font)
+    for value in step_ticks(x_low, x_high):
         x = position(value, y_low)[0]
-        draw.text((x - 10, lower + 6), f"{value:.0f}", fill="black", font=font)
-    draw.text((right - 30, lower + 22), "step", fill="black", font=font)
+        draw.line((x, lower, x, lower + 4), fill="black")
+        draw.text((x - 8, lower + 6), str(value), fill="black", font=font)
+    draw.rectangle((left, upper, right, lower), outline="black")
+    draw.text((right - 36, lower + 22), "step", fill="black", font=font)
     for number, (name, line) in enumerate(series.items()):
         colour = COLOURS[number % len(COLOURS)]
         xy = [position(x, y) for x, y in line]
@@ -71,7 +77,9 @@ def draw_panel(draw: ImageDraw.ImageDraw, top: int, title: str, series: Series, 
             draw.line(xy, fill=colour, width=2)
         for x, y in xy:
             draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=colour)
-        draw.text((left + 200 + 170 * number, top + 8), f"— {name}", fill=colour, font=font)
+        key_x = left + 200 + 190 * number  # the legend: a short line, then the name
+        draw.line((key_x, top + 16, key_x + 20, top + 16), fill=colour, width=3)
+        draw.text((key_x + 26, top + 8), name, fill=colour, font=font)
 
 
 def write_training_plot(path: str | Path, log_history: list[dict]) -> None:
@@ -79,7 +87,7 @@ def write_training_plot(path: str | Path, log_history: list[dict]) -> None:
     losses, recalls = curves(log_history)
     image = Image.new("RGB", (WIDTH, 2 * PANEL_HEIGHT), "white")
     draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default()
+    font = ImageFont.load_default(size=14)
     draw_panel(draw, 0, "loss", losses, font)
     draw_panel(draw, PANEL_HEIGHT, "evaluation recall", recalls, font)
     with atomic_file(path, "wb") as file:
