@@ -2,23 +2,33 @@
 
 python train_clip.py --train_args_file train_args/train_clip.json
 torchrun --nproc_per_node 8 train_clip.py --train_args_file train_args/train_clip.json
+
+Any arg-file key can be overridden on the command line, with the same checks as in the file:
+python train_clip.py --train_args_file train_args/train_clip.json --learning_rate 1e-4 --output_dir out
+Values are converted to the key's type: numbers, booleans as true/false/1/0/yes/no (a boolean key alone,
+`--bf16`, means true), null for an optional key, lists such as report_to comma-separated
+(`--report_to tensorboard,wandb`) or as JSON. The arg file must be UTF-8 JSON; transformers 4.x keys
+(no_cuda, warmup_ratio, evaluation_strategy, ...) are read under their new names with a warning.
 """
 
 import argparse
 import logging
 
-from component.argument import describe_arguments, parse_train_args
+from component.argument import command_line_overrides, describe_arguments, parse_train_args
 from datatools.errors import report_user_errors
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Parse the arg file, train, evaluate and save; returns the final metrics."""
+    """Parse the arg file and overrides, train, evaluate and save; returns the final metrics."""
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # --train would otherwise be taken for --train_args_file
+        usage="%(prog)s --train_args_file FILE [--KEY VALUE ...] | --list_args",
     )
     parser.add_argument("--train_args_file", help="JSON file of training arguments")
     parser.add_argument("--list_args", action="store_true", help="list the toolkit's arg-file keys and exit")
-    options = parser.parse_args(argv)
+    options, override_tokens = parser.parse_known_args(argv)
     if options.list_args:
         print(describe_arguments())
         return {}
@@ -26,10 +36,14 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--train_args_file is required")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
 
-    from component.training import run_training  # heavy imports after the arguments are read
+    def parse():
+        return parse_train_args(options.train_args_file, overrides=command_line_overrides(override_tokens))
 
     # what the user must fix is one line (exit 2, or 1 on bad data); anything else keeps its traceback
-    return report_user_errors(lambda: run_training(*parse_train_args(options.train_args_file)))
+    arguments = report_user_errors(parse)
+    from component.training import run_training  # heavy imports after the arguments are read
+
+    return report_user_errors(lambda: run_training(*arguments))
 
 
 if __name__ == "__main__":

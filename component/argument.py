@@ -1,18 +1,28 @@
-"""Training arguments: typed dataclasses read from one JSON file together with TrainingArguments."""
+"""Training arguments: typed dataclasses read from one JSON file together with TrainingArguments.
+
+Command-line `--key value` pairs override the file, with the same checks. Keys that transformers 4.x
+used (no_cuda, warmup_ratio, evaluation_strategy, ...) are read under their new names with a warning.
+"""
 
 import difflib
-import json
 import os
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from transformers import HfArgumentParser, TrainingArguments
 
-from datatools.errors import UserError
-
-
-class ArgumentError(UserError, ValueError):
-    """A bad training configuration; the message names the file, key and value."""
+from component.arg_checks import check_paths, check_report_to, check_training_length
+from component.arg_values import (
+    REMOVED_KEYS,
+    RENAMED_KEYS,
+    ArgumentError,
+    check_value_types,
+    parse_override_tokens,
+    read_arg_file,
+    translate_old_names,
+)
 
 
 @dataclass
@@ -154,7 +164,6 @@ class TowerArguments:
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, TowerArguments, TrainingArguments)
 
-# Our defaults for TrainingArguments where the library's do not suit CLIP training.
 # Where the library's defaults do not suit CLIP training. Frozen towers are left out of DDP,
 # so every parameter it sees gets a gradient. Image decoding needs worker processes.
 TRAINING_DEFAULTS = {
@@ -167,6 +176,10 @@ TRAINING_DEFAULTS = {
 }
 
 
+# unlock_vision_at is a string field so that it can hold 'plateau'; a step number may be written as one.
+ALSO_ACCEPTED = {"unlock_vision_at": str | int | None}
+
+
 def describe_arguments() -> str:
     """Every key this toolkit adds to TrainingArguments, with its default and help text."""
     lines = []
@@ -174,11 +187,38 @@ def describe_arguments() -> str:
         lines.append(f"{cls.__name__}: {cls.__doc__}")
         lines += [f"  {f.name} (default {f.default!r}): {f.metadata['help']}" for f in fields(cls)]
     lines.append("TrainingArguments: every transformers TrainingArguments field, e.g. learning_rate, bf16.")
+    renamed = ", ".join(f"{old} -> {new}" for old, new in RENAMED_KEYS.items())
+    lines.append(f"transformers 4.x names read under their new names: {renamed}.")
     return "\n".join(lines)
 
 
 def known_keys() -> set[str]:
     return {f.name for cls in ARGUMENT_CLASSES for f in fields(cls) if f.init}
+
+
+def field_annotations() -> dict[str, Any]:
+    """The type annotation of every key, which the values are checked against before parsing."""
+    annotations = {}
+    for cls in ARGUMENT_CLASSES:
+        hints = typing.get_type_hints(cls)
+        annotations.update({f.name: hints.get(f.name, Any) for f in fields(cls) if f.init})
+    return {**annotations, **ALSO_ACCEPTED}
+
+
+def check_known_keys(values: dict, source: str, prefix: str = "") -> None:
+    """Refuse unknown keys, naming the closest known key or saying that transformers 5 removed it."""
+    unknown = sorted(set(values) - known_keys())
+    if not unknown:
+        return
+    hints = []
+    for key in unknown:
+        if key in REMOVED_KEYS:
+            hints.append(f"{prefix}{key} (a transformers 4.x key that transformers 5 removed; delete it)")
+        elif match := difflib.get_close_matches(key, known_keys(), 1):
+            hints.append(f"{prefix}{key} (did you mean {prefix}{match[0]}?)")
+        else:
+            hints.append(f"{prefix}{key}")
+    raise ArgumentError(f"{source}: unknown key(s): {', '.join(hints)}")
 
 
 def check_deepspeed_conflicts(path: str | Path, values: dict) -> None:
@@ -197,38 +237,40 @@ def check_deepspeed_conflicts(path: str | Path, values: dict) -> None:
         )
 
 
+def command_line_overrides(tokens: list[str]) -> dict:
+    """`--key value` pairs from the command line as typed values (see parse_override_tokens)."""
+    return parse_override_tokens(tokens, field_annotations())
+
+
+def checked_values(values: dict, source: str, prefix: str = "") -> dict:
+    """Old names translated, unknown keys and wrong value types refused."""
+    values = translate_old_names(values, source)
+    check_known_keys(values, source, prefix)
+    return check_value_types(values, field_annotations(), source)
+
+
 def parse_train_args(
-    path: str | Path, overrides: dict | None = None
+    path: str | Path, overrides: dict | None = None, check_files: bool = True
 ) -> tuple[ModelArguments, DataArguments, TowerArguments, TrainingArguments]:
     """Read and validate a JSON arg file; unknown keys and bad values raise ArgumentError naming them.
 
-    `overrides` replace values from the file (tests use it to check GPU configs on a CPU).
+    `overrides` replace values from the file: the command line's (see command_line_overrides), or
+    tests' that check GPU configs on a CPU. `check_files=False` skips the checks that the data and
+    model paths exist, for configs whose data is elsewhere.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ArgumentError(f"{path}: no such arg file")
-    try:
-        values = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ArgumentError(f"{path}: not valid JSON ({error})") from error
-    if not isinstance(values, dict):
-        raise ArgumentError(f"{path}: expected a JSON object of argument names to values")
-    unknown = sorted(set(values) - known_keys())
-    if unknown:
-        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, known_keys(), 1)) else k
-                 for k in unknown]  # fmt: skip
-        raise ArgumentError(f"{path}: unknown key(s): {', '.join(hints)}")
-    values = {**TRAINING_DEFAULTS, **values, **(overrides or {})}
+    values = checked_values(read_arg_file(path), str(path))
+    overrides = checked_values(overrides or {}, "command line", prefix="--")
+    values = {**TRAINING_DEFAULTS, **values, **overrides}
     values.setdefault("dataloader_persistent_workers", values["dataloader_num_workers"] > 0)
     values["remove_unused_columns"] = False  # the collator needs the raw text and image columns
     check_deepspeed_conflicts(path, values)  # before TrainingArguments, which sets up DeepSpeed
+    check_report_to(path, values.get("report_to"))
     try:
         model_args, data_args, tower_args, training_args = HfArgumentParser(ARGUMENT_CLASSES).parse_dict(
             values
         )
-    except ArgumentError as error:
-        raise ArgumentError(f"{path}: {error}") from error
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError) as error:  # ArgumentError is a ValueError
         raise ArgumentError(f"{path}: {error}") from error
     if training_args.per_device_train_batch_size < tower_args.contrastive_accumulation_steps:
         raise ArgumentError(
@@ -238,4 +280,7 @@ def parse_train_args(
         )
     if tower_args.unlock_vision_at == "plateau" and not data_args.test_file:
         raise ArgumentError(f"{path}: unlock_vision_at 'plateau' needs a test_file to measure recall on")
+    check_training_length(path, training_args)
+    if check_files:
+        check_paths(path, model_args, data_args)
     return model_args, data_args, tower_args, training_args

@@ -62,7 +62,7 @@ def test_every_shipped_config_parses(config):
     overrides = {} if torch.cuda.is_available() else {"bf16": False, "use_cpu": True}
     if not (torch.cuda.is_available() and importlib.util.find_spec("deepspeed")):
         overrides["deepspeed"] = None
-    _, data_args, _, training_args = parse_train_args(config, overrides=overrides)
+    _, data_args, _, training_args = parse_train_args(config, overrides=overrides, check_files=False)
     assert training_args.remove_unused_columns is False
     assert data_args.train_file and training_args.output_dir
 
@@ -423,7 +423,8 @@ def test_logit_scale_is_clamped_after_each_step(tiny_model):
 
 
 def test_wrong_image_path_stops_with_a_message(tiny_towers, shapes_data, tmp_path, capsys):
-    values = tiny_run_args(tiny_towers, shapes_data, tmp_path / "run", image_path=str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()  # exists (a missing one is refused at parse time) but holds no images
+    values = tiny_run_args(tiny_towers, shapes_data, tmp_path / "run", image_path=str(tmp_path / "empty"))
     with pytest.raises(SystemExit) as exit_info:
         train_clip.main(["--train_args_file", str(write_args(tmp_path / "a.json", **values))])
     assert exit_info.value.code == 1
