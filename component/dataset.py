@@ -2,6 +2,8 @@
 
 import logging
 import math
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +13,8 @@ from torch.utils.data import Dataset
 
 from component.processor import ImageTransform
 from datatools.errors import DataStopError, UserError
+from datatools.image_check import ImageRoot
+from datatools.images import RejectedError
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +97,11 @@ class BadImageError(DataStopError, RuntimeError):
     """Too many images failed to load for the run to be trustworthy."""
 
 
+def describe_load_error(error: Exception) -> str:
+    """Why an image failed to load, for the bad-image log: a refusal's reason, else the exception."""
+    return str(error) if isinstance(error, RejectedError) else f"{type(error).__name__}: {error}"
+
+
 class ImageTextDataset(Dataset):
     """Raw samples: the caption, the image as a resized uint8 array, and bookkeeping.
 
@@ -106,6 +115,7 @@ class ImageTextDataset(Dataset):
     ):
         self.rows = rows
         self.image_path = Path(image_path)
+        self.image_root = ImageRoot(self.image_path)
         self.transform = transform
         self.draft = draft
         self.replacement_stride = coprime_stride(len(rows))
@@ -113,8 +123,23 @@ class ImageTextDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
+    def image_file(self, index: int) -> Path:
+        """The path of row `index`'s image; raises `RejectedError` for a name that escapes
+        image_path (absolute, `..`, a symlink out) and for anything but a regular file."""
+        filename = self.rows.filenames[index]
+        try:
+            path = self.image_root.path(filename)
+        except RejectedError as error:
+            if error.reason == "unsafe_filename":
+                raise RejectedError(error.reason, "path escapes image_path") from None
+            raise
+        # A FIFO would block the reader (and the whole run) for ever; a stat never opens it.
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise RejectedError("not_a_file", "not a regular file (a FIFO, directory or device)")
+        return path
+
     def load_image(self, index: int) -> np.ndarray:
-        image = self.transform.load(self.image_path / self.rows.filenames[index], draft=self.draft)
+        image = self.transform.load(self.image_file(index), draft=self.draft)
         return self.transform(image)
 
     def __getitem__(self, index: int) -> dict:
@@ -127,7 +152,7 @@ class ImageTextDataset(Dataset):
                 image = self.load_image(candidate)
                 break
             except Exception as error:  # any undecodable file; never crash a long run
-                bad_images.append(f"{self.rows.filenames[candidate]}: {type(error).__name__}: {error}")
+                bad_images.append(f"{self.rows.filenames[candidate]}: {describe_load_error(error)}")
                 candidate = (candidate + stride) % len(self)
         else:
             raise BadImageError(
