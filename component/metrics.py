@@ -34,3 +34,20 @@ def retrieval_metrics(
         metrics[f"t2i_recall@{k}"] = (image_rank < k).float().mean().item()
     metrics["mean_recall"] = sum(metrics.values()) / len(metrics)
     return metrics
+
+
+def trivial_recall_note(n_images: int, n_texts: int) -> str | None:
+    """Which recalls are 1.0 whatever the model, because a query has at most k candidates; None if none.
+
+    Text->image recall@k is trivial with k or fewer images, image->text recall@k with k or fewer
+    captions; with a single image every recall is 1.0 and the score means nothing.
+    """
+    trivial = [f"t2i_recall@{k}" for k in RECALL_AT if n_images <= k]
+    trivial += [f"i2t_recall@{k}" for k in RECALL_AT if n_texts <= k]
+    if not trivial:
+        return None
+    if n_images <= 1:
+        return (f"only {n_images} image and {n_texts} caption(s) to score: every recall is 1.0 whatever "
+                "the model, so the metric means nothing here; add test rows")  # fmt: skip
+    return (f"{n_images} images and {n_texts} captions to score: {', '.join(trivial)} are 1.0 whatever "
+            "the model (a query has at most k candidates); add test rows for a meaningful score")  # fmt: skip

@@ -14,7 +14,7 @@ from component.dataset import BadImageError
 from component.freezing import parameter_groups, unlock_vision_tower
 from component.grad_cache import gradient_cached_backward, split_batch
 from component.loss import MAX_LOGIT_SCALE, world_size
-from component.metrics import retrieval_metrics
+from component.metrics import retrieval_metrics, trivial_recall_note
 from datatools.atomic import write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -23,25 +23,47 @@ CHECKPOINT_MARKER = "checkpoint_complete.json"
 
 
 class BadImageTracker:
-    """Counts replaced images, logs the first few and then every `log_every`-th, enforces a ceiling."""
+    """Counts replaced images, logs the first few and then every `log_every`-th, enforces a ceiling.
 
-    def __init__(self, max_fraction: float, min_samples: int, log_first: int = 10, log_every: int = 1000):
+    The ceiling is judged once `min_samples` have been seen, and at the end of a run by `check`
+    whatever its length, so a run shorter than `min_samples` cannot finish on bad data unnoticed.
+    """
+
+    def __init__(self, max_fraction: float, min_samples: int, log_first: int = 10, log_every: int = 1000,
+                 source: str | None = None):  # fmt: skip
         self.max_fraction = max_fraction
         self.min_samples = min_samples
         self.log_first = log_first
         self.log_every = log_every
+        self.source = source
         self.samples = 0
         self.bad = 0
 
     def update(self, batch_size: int, bad_images: list[str]) -> None:
         self.samples += batch_size
+        self.log(bad_images)
+        if self.samples >= self.min_samples:
+            self.check()
+
+    def log(self, bad_images: list[str]) -> None:
+        """Count and log (the first few, then every `log_every`-th) bad-image messages."""
+        where = f" in {self.source}" if self.source else ""
         for message in bad_images:
             self.bad += 1
             if self.bad <= self.log_first or self.bad % self.log_every == 0:
-                logger.warning(f"bad image #{self.bad} replaced by another row: {message}")
-        if self.samples >= self.min_samples and self.bad > self.max_fraction * self.samples:
+                logger.warning(f"bad image #{self.bad}{where} replaced by another row: {message}")
+
+    def check(self, bad: int | None = None, samples: int | None = None) -> None:
+        """Raise BadImageError when more than `max_fraction` of the samples had a bad image.
+
+        `bad` and `samples` default to this tracker's counts (pass totals over all ranks).
+        """
+        bad = self.bad if bad is None else bad
+        samples = self.samples if samples is None else samples
+        if samples and bad > self.max_fraction * samples:
+            where = f"{self.source}: " if self.source else ""
             raise BadImageError(
-                f"{self.bad} of {self.samples} images failed to load ({self.bad / self.samples:.1%}), "
+                f"{where}{bad} of {samples} images failed to load ({bad / samples:.1%}), "
                 f"more than max_bad_image_fraction={self.max_fraction}. Run filter_data.py on the CSV, "
                 "or raise max_bad_image_fraction in the arg file."
             )
@@ -54,19 +76,38 @@ class CLIPTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.tower_args = tower_args
         self.bad_image_tracker = bad_image_tracker
+        if bad_image_tracker.source is None and hasattr(self.train_dataset, "rows"):
+            bad_image_tracker.source = self.train_dataset.rows.source
+        self._warned_trivial_recall = False
         # The contrastive loss is a mean over the batch; let the Trainer scale it for accumulation.
         self.model_accepts_loss_kwargs = False
 
-    def _model_inputs(self, inputs: dict, training: bool) -> tuple[dict, torch.Tensor | None]:
-        """The model's inputs from a batch already on the device, and the sample indices; counts
-        bad images."""
+    def _model_inputs(self, inputs: dict, training: bool) -> tuple[dict, torch.Tensor | None, list[str]]:
+        """The model's inputs from a batch already on the device, the sample indices and the
+        bad-image messages; a training batch's bad images are counted against the ceiling."""
         inputs, sample_index, bad_images = self.data_collator.model_inputs(inputs)
         if training:
             self.bad_image_tracker.update(len(inputs["input_ids"]), bad_images)
-        return inputs, sample_index
+        return inputs, sample_index, bad_images
+
+    def train(self, *args, **kwargs):
+        """Train, then judge the bad-image fraction over the whole run, however short it was."""
+        result = super().train(*args, **kwargs)
+        tracker = self.bad_image_tracker
+        bad, samples = self._sum_over_ranks(tracker.bad, tracker.samples)
+        tracker.check(bad, samples)
+        return result
+
+    def _sum_over_ranks(self, *counts: int) -> list[int]:
+        """`counts` summed over all processes (every rank then takes the same decision)."""
+        if world_size() == 1:
+            return list(counts)
+        totals = torch.tensor(counts, dtype=torch.long, device=self.args.device)
+        dist.all_reduce(totals)
+        return totals.tolist()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        inputs, _ = self._model_inputs(inputs, training=model.training)
+        inputs, _, _ = self._model_inputs(inputs, training=model.training)
         outputs = model(**inputs, return_loss=True)
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
@@ -94,7 +135,7 @@ class CLIPTrainer(Trainer):
 
     def _gradient_cached_step(self, model, inputs) -> torch.Tensor:
         model.train()
-        inputs, _ = self._model_inputs(self._prepare_inputs(inputs), training=True)
+        inputs, _, _ = self._model_inputs(self._prepare_inputs(inputs), training=True)
         micro_batches = split_batch(inputs, self.tower_args.contrastive_accumulation_steps)
         no_sync = getattr(model, "no_sync", None)
         return gradient_cached_backward(
@@ -132,9 +173,15 @@ class CLIPTrainer(Trainer):
 
     @torch.no_grad()
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
-        """eval_loss plus image<->text recall@1/5/10 over the whole test set."""
+        """eval_loss plus image<->text recall@1/5/10 over the test rows whose image loaded.
+
+        Also `eval_bad_images` (test images replaced because they failed to load; too many stop
+        the run, as in training) and `eval_images` (distinct images scored).
+        """
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         dataloader = self.get_eval_dataloader(dataset)
+        source = getattr(getattr(dataset, "rows", None), "source", None)
+        bad_image_log = BadImageTracker(self.bad_image_tracker.max_fraction, 0, source=source)
         model = self.accelerator.unwrap_model(self.model)
         was_training = model.training
         model.eval()
@@ -143,7 +190,8 @@ class CLIPTrainer(Trainer):
         for batch in tqdm(
             dataloader, desc="evaluating", disable=not self.is_world_process_zero(), leave=False
         ):
-            batch, sample_index = self._model_inputs(self._prepare_inputs(batch), training=False)
+            batch, sample_index, bad_images = self._model_inputs(self._prepare_inputs(batch), training=False)
+            bad_image_log.log(bad_images)
             with self.accelerator.autocast():
                 outputs = model(**batch, return_loss=True)
             totals["loss"] += outputs.loss.item() * len(sample_index)
@@ -158,17 +206,45 @@ class CLIPTrainer(Trainer):
         loss = torch.tensor([totals["loss"], totals["samples"]], device=self.args.device)
         loss = self.accelerator.reduce(loss, reduction="sum")
         metrics = {f"{metric_key_prefix}_loss": (loss[0] / loss[1]).item()}
+        sample_index = torch.cat(index_parts)
+        keep = first_occurrences(sample_index)
+        bad = len(sample_index) - len(keep)
+        if bad:
+            logger.warning(f"{source}: {bad} of {len(sample_index)} test images failed to load; "
+                           f"recall is over the other {len(keep)} rows")  # fmt: skip
+        bad_image_log.check(bad, len(sample_index))
         recall = dataset_retrieval_metrics(
-            dataset, torch.cat(image_parts), torch.cat(text_parts), torch.cat(index_parts)
+            dataset, torch.cat(image_parts)[keep], torch.cat(text_parts)[keep], sample_index[keep]
         )
+        self._warn_if_recall_is_trivial(source, recall["images"], len(keep))
+        recall["bad_images"] = bad
         metrics.update({f"{metric_key_prefix}_{name}": value for name, value in recall.items()})
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
+    def _warn_if_recall_is_trivial(self, source: str | None, n_images: int, n_texts: int) -> None:
+        note = trivial_recall_note(n_images, n_texts)
+        if note and not self._warned_trivial_recall:
+            logger.warning(f"{source}: {note}")
+            self._warned_trivial_recall = True  # once per run, not at every evaluation
+
+
+def first_occurrences(sample_index: torch.Tensor) -> torch.Tensor:
+    """Positions of the first sample of each row, in order.
+
+    Every test row is requested once, so a row seen twice is a bad image's replacement: scoring
+    it again would count one pair twice.
+    """
+    _, inverse = torch.unique(sample_index, return_inverse=True)
+    first = torch.full((int(inverse.max()) + 1,), len(sample_index), dtype=torch.long)
+    first.scatter_reduce_(0, inverse, torch.arange(len(sample_index)), reduce="amin")
+    return first.sort().values
+
 
 def dataset_retrieval_metrics(dataset, image_embeds, text_embeds, sample_index) -> dict[str, float]:
-    """Retrieval metrics where rows with the same image file count as one image."""
+    """Retrieval metrics where rows with the same image file count as one image, plus `images`,
+    the number of distinct images."""
     filenames = [dataset.rows.filenames[int(i)] for i in sample_index]
     first_row_of: dict[str, int] = {}
     for row, filename in enumerate(filenames):
@@ -176,7 +252,8 @@ def dataset_retrieval_metrics(dataset, image_embeds, text_embeds, sample_index) 
     image_rows = torch.tensor(list(first_row_of.values()))
     image_number = {filename: n for n, filename in enumerate(first_row_of)}
     text_to_image = torch.tensor([image_number[f] for f in filenames])
-    return retrieval_metrics(image_embeds[image_rows], text_embeds, text_to_image)
+    metrics = retrieval_metrics(image_embeds[image_rows], text_embeds, text_to_image)
+    return {**metrics, "images": len(first_row_of)}
 
 
 class LogitScaleClampCallback(TrainerCallback):
