@@ -5,6 +5,7 @@
     python retrieval.py search --index photos_index --text 一只在草地上奔跑的狗 --top_k 5
     python retrieval.py search --index photos_index --image query.jpg --json
     python retrieval.py serve --index photos_index --port 8000
+    python retrieval.py serve --index photos_index --host 0.0.0.0 --allowed_hosts photos.lan,192.168.1.20
 
 `index` encodes every image once and stores the embeddings, a metadata table and a faiss index;
 run it again on a grown folder and only the new images are encoded. `search` and `serve` load the
@@ -65,6 +66,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--host", default="127.0.0.1", help="the address to listen on (default: this machine only)"
     )
     page.add_argument("--port", type=int, default=8000, help="the port to listen on (0: any free port)")
+    page.add_argument(
+        "--allowed_hosts",
+        default="",
+        help="comma-separated host names (or addresses) the page may be opened by, besides localhost, "
+        "127.0.0.1, [::1] and --host; other Host headers are refused (403), which stops DNS rebinding; "
+        '"*" answers any name (only behind a proxy that checks the Host header)',
+    )
     for command in (search, page):
         command.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
         command.add_argument(
@@ -132,7 +140,7 @@ def run_serve(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
     index = RetrievalIndex.load(args.index, args.model_name_or_path, device, memory_map=False)
     index.load_model()
-    serve(index, args.host, args.port)
+    serve(index, args.host, args.port, allowed_hosts=args.allowed_hosts)
 
 
 def main(argv: list[str] | None = None) -> None:

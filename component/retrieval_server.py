@@ -4,132 +4,62 @@
     GET  /api/search?text=T&top_k=K    {"query": T, "results": [{"filename", "score", ...}]}, best first
     POST /api/search_image?top_k=K     the same for the image file sent as the request body
     GET  /thumbnail?path=F             a JPEG thumbnail (at most 256 px a side) of an indexed image
-    GET  /image?path=F                 an indexed image file itself
+    GET  /image?path=F                 an indexed image file itself, typed by its content
 
-Only files that the index lists and that lie under its image root are served. Uploads and
-thumbnails of more than MAX_IMAGE_PIXELS pixels are refused before they are decoded. A later
-index run into the same directory is picked up by the next request, without a restart.
+Only files that the index lists and that lie under its image root are served. The web policies
+(Host names, response types, security headers, the thumbnail cache) live in component.retrieval_web.
+Uploads and thumbnails are decoded a few at a time (IMAGES_DECODED_AT_ONCE), and those of too
+many pixels are refused before they are decoded (component.retrieval_served_images); thumbnails
+are cached. Each connection times out after `request_timeout` seconds without progress, and at
+most MAX_CONNECTIONS are served at once. A later index run into the same directory is picked up by
+the next request, without a restart.
 """
 
 import json
-import mimetypes
 import sys
 import threading
 from dataclasses import dataclass
+from functools import cache
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from io import BytesIO
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from PIL import Image, ImageOps
-
 from component.encoding import InputError
 from component.retrieval import RetrievalIndex, results_document
+from component.retrieval_served_images import (
+    make_thumbnail,
+    open_served_image,
+    read_uploaded_image,
+)
 from component.retrieval_store import read_info_stamp
-from datatools.image_check import DEFAULT_MAX_PIXELS
+from component.retrieval_web import (
+    LOOPBACK_HOSTS,
+    ThumbnailCache,
+    add_nonce,
+    allowed_host_names,
+    file_key,
+    host_name,
+    host_refusal,
+    new_nonce,
+    security_headers,
+)
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MAX_TOP_K = 100
 DEFAULT_TOP_K = 12
-THUMBNAIL_SIDE = 256
-MAX_IMAGE_PIXELS = DEFAULT_MAX_PIXELS  # a larger image would take 3 bytes a pixel, or more, to decode
-UPLOADS_DECODED_AT_ONCE = 2  # uploads decoded or searched at once: bounds their memory
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
+IMAGES_DECODED_AT_ONCE = 2  # uploads and thumbnails decoded at once: bounds their memory
+THUMBNAIL_CACHE_BYTES = 32 * 1024 * 1024  # some 2,000 thumbnails
+REQUEST_TIMEOUT = 30.0  # seconds a connection may wait for the client
+MAX_CONNECTIONS = 64  # connections served at once, each in a thread; more get 503
+SEND_CHUNK_BYTES = 1024 * 1024
+PAGE_FILE = Path(__file__).with_name("retrieval_page.html")
 
-PAGE = """<!doctype html>
-<html lang="zh">
-<head>
-<meta charset="utf-8">
-<title>Image search</title>
-<style>
-  body { font-family: sans-serif; margin: 1.5rem; }
-  form, .upload { display: flex; gap: 0.5rem; align-items: center; margin-bottom: 0.75rem; }
-  #query { flex: 1; font-size: 1.1rem; padding: 0.3rem; }
-  #top_k { width: 4rem; }
-  #results { display: flex; flex-wrap: wrap; gap: 0.75rem; }
-  figure { margin: 0; width: 200px; }
-  figure img { width: 200px; height: 200px; object-fit: contain; background: #eee; }
-  figcaption { font-size: 0.8rem; overflow-wrap: anywhere; }
-</style>
-</head>
-<body>
-<h1>Image search</h1>
-<p>__COUNT__ images indexed.</p>
-<form id="text-form">
-  <input id="query" type="search" placeholder="输入描述，例如：一只在草地上奔跑的狗" autofocus>
-  <label>top <input id="top_k" type="number" min="1" max="__MAX_TOP_K__" value="__TOP_K__"></label>
-  <button type="submit">Search</button>
-</form>
-<div class="upload">
-  <label>or search by image: <input id="image-query" type="file" accept="image/*"></label>
-</div>
-<p id="status"></p>
-<div id="results"></div>
-<script>
-const resultsBox = document.getElementById("results");
-const statusLine = document.getElementById("status");
-const topK = document.getElementById("top_k");
-let latest = 0;
 
-function render(results) {
-  resultsBox.replaceChildren(...results.map((result, rank) => {
-    const figure = document.createElement("figure");
-    figure.className = "result";
-    figure.dataset.filename = result.filename;
-    figure.dataset.score = result.score;
-    const link = document.createElement("a");
-    link.href = "/image?path=" + encodeURIComponent(result.filename);
-    link.target = "_blank";
-    const image = document.createElement("img");
-    image.src = "/thumbnail?path=" + encodeURIComponent(result.filename);
-    image.alt = result.filename;
-    link.append(image);
-    const caption = document.createElement("figcaption");
-    const text = result.text === undefined ? "" : " " + result.text;
-    caption.textContent = `${rank + 1}. ${result.score.toFixed(4)} ${result.filename}${text}`;
-    figure.append(link, caption);
-    return figure;
-  }));
-}
-
-async function search(request, label) {
-  const id = ++latest;
-  const started = performance.now();
-  statusLine.textContent = "Searching…";
-  try {
-    const response = await request;
-    const answer = await response.json();
-    if (!response.ok) throw new Error(answer.error || response.statusText);
-    if (id !== latest) return;  // a newer search has started
-    render(answer.results);
-    const elapsed = Math.round(performance.now() - started);
-    statusLine.textContent = `${answer.results.length} results for ${label} in ${elapsed} ms`;
-  } catch (error) {
-    if (id !== latest) return;
-    resultsBox.replaceChildren();
-    statusLine.textContent = "Error: " + error.message;
-  }
-}
-
-document.getElementById("text-form").addEventListener("submit", (event) => {
-  event.preventDefault();
-  const text = document.getElementById("query").value.trim();
-  if (!text) return;
-  const url = `/api/search?text=${encodeURIComponent(text)}&top_k=${encodeURIComponent(topK.value)}`;
-  search(fetch(url), `“${text}”`);
-});
-
-document.getElementById("image-query").addEventListener("change", (event) => {
-  const file = event.target.files[0];
-  if (!file) return;
-  const url = `/api/search_image?top_k=${encodeURIComponent(topK.value)}`;
-  search(fetch(url, { method: "POST", body: file }), file.name);
-});
-</script>
-</body>
-</html>
-"""
+@cache
+def page_template() -> str:
+    """The search page, with __COUNT__, __MAX_TOP_K__ and __TOP_K__ to fill in."""
+    return PAGE_FILE.read_text(encoding="utf-8")
 
 
 def parse_top_k(values: list[str] | None) -> int:
@@ -143,55 +73,6 @@ def parse_top_k(values: list[str] | None) -> int:
     if not 1 <= top_k <= MAX_TOP_K:
         raise InputError(f"top_k must be an integer from 1 to {MAX_TOP_K}, got {values[0]!r}")
     return top_k
-
-
-def open_image_within(
-    source: Path | BytesIO, max_pixels: int = MAX_IMAGE_PIXELS, draft_side: int | None = None
-) -> Image.Image:
-    """An image opened (its header read, no pixels decoded), refused with InputError when it has
-    more than `max_pixels` pixels.
-
-    Args:
-        draft_side: first set a JPEG to decode at the smallest scale (down to 1/8) that still covers
-            draft_side x draft_side; the pixels at that scale are what count.
-    """
-    try:
-        image = Image.open(source)
-    except Image.DecompressionBombError as error:  # over twice Pillow's own limit
-        raise InputError(f"image too large: {error}") from None
-    if draft_side is not None:
-        image.draft("RGB", (draft_side, draft_side))
-    width, height = image.size
-    if width * height > max_pixels:
-        image.close()
-        raise InputError(f"image too large: {width} x {height} pixels, the limit is {max_pixels}")
-    return image
-
-
-def make_thumbnail(path: Path, side: int = THUMBNAIL_SIDE, max_pixels: int = MAX_IMAGE_PIXELS) -> bytes:
-    """A JPEG of the image scaled to fit in side x side, upright (EXIF orientation applied).
-
-    An image of more than `max_pixels` pixels is refused (InputError) undecoded; a JPEG counts at
-    the reduced scale it decodes at, so a large photo still gets its thumbnail.
-    """
-    with open_image_within(path, max_pixels, draft_side=side) as image:
-        image = ImageOps.exif_transpose(image).convert("RGB")
-    image.thumbnail((side, side))
-    buffer = BytesIO()
-    image.save(buffer, "JPEG", quality=85)
-    return buffer.getvalue()
-
-
-def read_uploaded_image(body: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """An uploaded image file, decoded, upright and RGB; InputError for a file that is not an image
-    or has more than `max_pixels` pixels."""
-    try:
-        with open_image_within(BytesIO(body), max_pixels) as image:
-            return ImageOps.exif_transpose(image).convert("RGB")
-    except InputError:
-        raise  # already says what is wrong
-    except (OSError, ValueError) as error:
-        raise InputError(f"cannot read the uploaded image ({error})") from error
 
 
 @dataclass(frozen=True)
@@ -228,16 +109,28 @@ def reopen(index: RetrievalIndex) -> RetrievalIndex:
 
 
 class RetrievalServer(ThreadingHTTPServer):
-    """The search page's HTTP server; each request runs in its own thread, queries one at a time.
+    """The search page's HTTP server; each connection runs in its own thread, queries one at a time.
 
     Each request first compares the index's index.json with the one it was opened from (one stat
     call); after an index run has replaced it, the index is opened again and swapped in.
+
+    Args:
+        allowed_hosts: Host names answered besides the loopback names and `host` ("*": any).
+        request_timeout: seconds a connection may wait for the client before it is dropped.
+        max_connections: connections served at once; one more is answered 503 and closed.
     """
 
     daemon_threads = True
 
     def __init__(
-        self, index: RetrievalIndex, host: str = "127.0.0.1", port: int = 0, log_requests: bool = True
+        self,
+        index: RetrievalIndex,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        log_requests: bool = True,
+        allowed_hosts: str | list[str] | tuple[str, ...] = (),
+        request_timeout: float = REQUEST_TIMEOUT,
+        max_connections: int = MAX_CONNECTIONS,
     ):
         try:
             super().__init__((host, port), RetrievalRequestHandler)
@@ -247,8 +140,26 @@ class RetrievalServer(ThreadingHTTPServer):
         self.tried_stamp = index.info_stamp  # of the last index.json opened or tried
         self.reload_lock = threading.Lock()
         self.search_lock = threading.Lock()  # one model forward at a time
-        self.upload_slots = threading.BoundedSemaphore(UPLOADS_DECODED_AT_ONCE)
+        self.decode_slots = threading.BoundedSemaphore(IMAGES_DECODED_AT_ONCE)  # uploads and thumbnails
+        self.thumbnails = ThumbnailCache(THUMBNAIL_CACHE_BYTES)
+        self.allowed_hosts = allowed_host_names(host, allowed_hosts)
+        self.request_timeout = request_timeout
+        self.connection_slots = threading.BoundedSemaphore(max_connections)
         self.log_requests = log_requests
+
+    def process_request(self, request, client_address) -> None:
+        """Serve the connection in a thread of its own, or refuse it when all slots are taken."""
+        if not self.connection_slots.acquire(blocking=False):
+            refuse_connection(request)
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.connection_slots.release()
 
     @property
     def url(self) -> str:
@@ -293,27 +204,47 @@ class RetrievalServer(ThreadingHTTPServer):
         )
 
 
+def refuse_connection(connection) -> None:
+    """Answer 503 on a connection over the limit, without reading its request."""
+    headers = "".join(f"{name}: {value}\r\n" for name, value in security_headers().items())
+    try:
+        connection.settimeout(1.0)
+        status = "HTTP/1.0 503 Service Unavailable\r\n"
+        connection.sendall(f"{status}{headers}Content-Length: 0\r\nConnection: close\r\n\r\n".encode())
+    except OSError:
+        pass  # the client is gone or not reading: closing is all that is left
+
+
 class RetrievalRequestHandler(BaseHTTPRequestHandler):
     """The page, the two search endpoints, and indexed images with their thumbnails."""
 
     server: RetrievalServer
+    page_nonce: str | None = None  # set while the page is being sent
+
+    def setup(self) -> None:
+        self.timeout = self.server.request_timeout  # applied to the socket by StreamRequestHandler
+        super().setup()
 
     def do_GET(self) -> None:
+        if self.refused_host():
+            return
         url = urlsplit(self.path)
         query = parse_qs(url.query)
         served = self.server.current()
         if url.path == "/":
-            page = PAGE.replace("__COUNT__", str(len(served.index)))
-            page = page.replace("__MAX_TOP_K__", str(MAX_TOP_K)).replace("__TOP_K__", str(DEFAULT_TOP_K))
-            self.send_body(HTTPStatus.OK, page.encode("utf-8"), "text/html; charset=utf-8")
+            self.send_page(len(served.index))
         elif url.path == "/api/search":
             self.answer_search(query, lambda top_k: self.search_text(served.index, query, top_k))
-        elif url.path in ("/thumbnail", "/image"):
-            self.send_image(served, query.get("path", [""])[0], thumbnail=url.path == "/thumbnail")
+        elif url.path == "/thumbnail":
+            self.send_thumbnail(served, query.get("path", [""])[0])
+        elif url.path == "/image":
+            self.send_image(served, query.get("path", [""])[0])
         else:
             self.send_json(HTTPStatus.NOT_FOUND, {"error": f"no such page: {url.path}"})
 
     def do_POST(self) -> None:
+        if self.refused_host():
+            return
         url = urlsplit(self.path)
         if url.path != "/api/search_image":
             self.send_json(HTTPStatus.NOT_FOUND, {"error": f"no such endpoint: {url.path}"})
@@ -325,9 +256,27 @@ class RetrievalRequestHandler(BaseHTTPRequestHandler):
             status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE if length > 0 else HTTPStatus.LENGTH_REQUIRED
             self.send_json(status, {"error": f"send one image file of at most {MAX_UPLOAD_BYTES} bytes"})
             return
-        body = self.rfile.read(length)
+        body = self.rfile.read(length)  # a stalled client times out here (request_timeout)
         index = self.server.current().index
         self.answer_search(parse_qs(url.query), lambda top_k: self.search_image(index, body, top_k))
+
+    def refused_host(self) -> bool:
+        """Refuse (403) a request for a Host name this server does not answer: DNS rebinding."""
+        reason = host_refusal(self.headers.get("Host"), self.server.allowed_hosts)
+        if reason is not None:
+            self.close_connection = True
+            self.send_json(HTTPStatus.FORBIDDEN, {"error": reason})
+        return reason is not None
+
+    def send_page(self, image_count: int) -> None:
+        page = page_template().replace("__COUNT__", str(image_count))
+        page = page.replace("__MAX_TOP_K__", str(MAX_TOP_K)).replace("__TOP_K__", str(DEFAULT_TOP_K))
+        self.page_nonce = new_nonce()
+        try:
+            page = add_nonce(page, self.page_nonce)
+            self.send_body(HTTPStatus.OK, page.encode("utf-8"), "text/html; charset=utf-8")
+        finally:
+            self.page_nonce = None
 
     def search_text(self, index: RetrievalIndex, query: dict[str, list[str]], top_k: int) -> dict:
         text = query.get("text", [""])[0]
@@ -335,7 +284,7 @@ class RetrievalRequestHandler(BaseHTTPRequestHandler):
             return results_document(text, index.search_text(text, top_k))
 
     def search_image(self, index: RetrievalIndex, body: bytes, top_k: int) -> dict:
-        with self.server.upload_slots:  # held until the decoded image is searched and dropped
+        with self.server.decode_slots:  # held until the decoded image is searched and dropped
             image = read_uploaded_image(body)
             with self.server.search_lock:
                 return results_document("uploaded image", index.search_image(image, top_k))
@@ -347,42 +296,91 @@ class RetrievalRequestHandler(BaseHTTPRequestHandler):
         except InputError as error:
             self.send_json(HTTPStatus.BAD_REQUEST, {"error": str(error)})
 
-    def send_image(self, served: ServedIndex, filename: str, thumbnail: bool) -> None:
+    def thumbnail(self, path: Path) -> bytes:
+        """The thumbnail of `path`, from the cache or decoded in one of the shared decode slots."""
+        key = file_key(path)
+        thumbnail = self.server.thumbnails.get(key)
+        if thumbnail is None:
+            with self.server.decode_slots:
+                thumbnail = self.server.thumbnails.get(key)  # made while this request waited?
+                if thumbnail is None:
+                    thumbnail = make_thumbnail(path)
+                    self.server.thumbnails.put(key, thumbnail)
+        return thumbnail
+
+    def send_thumbnail(self, served: ServedIndex, filename: str) -> None:
         path = served.indexed_file(filename)
         if path is None:
             self.send_json(HTTPStatus.NOT_FOUND, {"error": f"not an indexed image: {filename!r}"})
             return
         try:
-            body = make_thumbnail(path) if thumbnail else path.read_bytes()
-        except (OSError, ValueError, Image.DecompressionBombError) as error:  # InputError included
-            action = "make a thumbnail of" if thumbnail else "read"
-            self.send_json(HTTPStatus.NOT_FOUND, {"error": f"cannot {action} {filename!r} ({error})"})
+            thumbnail = self.thumbnail(path)
+        except (OSError, ValueError) as error:  # InputError included
+            self.send_json(
+                HTTPStatus.NOT_FOUND, {"error": f"cannot make a thumbnail of {filename!r} ({error})"}
+            )
             return
-        content_type = "image/jpeg" if thumbnail else mimetypes.guess_type(path.name)[0]
-        self.send_body(HTTPStatus.OK, body, content_type or "application/octet-stream", cache=True)
+        self.send_body(HTTPStatus.OK, thumbnail, "image/jpeg", cache=True)
+
+    def send_image(self, served: ServedIndex, filename: str) -> None:
+        path = served.indexed_file(filename)
+        if path is None:
+            self.send_json(HTTPStatus.NOT_FOUND, {"error": f"not an indexed image: {filename!r}"})
+            return
+        try:
+            file, size, content_type = open_served_image(path)
+        except (OSError, ValueError) as error:  # InputError included
+            self.send_json(HTTPStatus.NOT_FOUND, {"error": f"cannot serve {filename!r} ({error})"})
+            return
+        with file:
+            self.send_headers(HTTPStatus.OK, size, content_type, cache=True)
+            while size > 0 and (chunk := file.read(min(size, SEND_CHUNK_BYTES))):
+                self.wfile.write(chunk)
+                size -= len(chunk)
+        self.close_connection = True  # a file cut short meanwhile leaves the length unmet
 
     def send_json(self, status: HTTPStatus, document: dict) -> None:
         self.send_body(status, json.dumps(document, ensure_ascii=False).encode("utf-8"), "application/json")
 
     def send_body(self, status: HTTPStatus, body: bytes, content_type: str, cache: bool = False) -> None:
+        self.send_headers(status, len(body), content_type, cache)
+        self.wfile.write(body)
+
+    def send_headers(self, status: HTTPStatus, length: int, content_type: str, cache: bool = False) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Content-Length", str(length))
         self.send_header("Cache-Control", "max-age=3600" if cache else "no-store")
         self.end_headers()
-        self.wfile.write(body)
+
+    def end_headers(self) -> None:
+        """Every response, http.server's own errors included, gets the security headers."""
+        for name, value in security_headers(self.page_nonce).items():
+            self.send_header(name, value)
+        super().end_headers()
 
     def log_message(self, format: str, *args) -> None:
         if self.server.log_requests:
             super().log_message(format, *args)
 
 
-def serve(index: RetrievalIndex, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Serve the search page for `index` until interrupted (Ctrl+C)."""
-    server = RetrievalServer(index, host, port)
-    if host not in LOOPBACK_HOSTS:
-        print(f"warning: listening on {host}: other machines can search this index", file=sys.stderr)
+def serve(
+    index: RetrievalIndex,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    allowed_hosts: str | list[str] | tuple[str, ...] = (),
+) -> None:
+    """Serve the search page for `index` until interrupted (Ctrl+C).
+
+    `allowed_hosts`: Host names to answer besides the loopback names and `host` (see RetrievalServer).
+    """
+    server = RetrievalServer(index, host, port, allowed_hosts=allowed_hosts)
+    if host_name(host) not in LOOPBACK_HOSTS:
+        print(
+            f"warning: listening on {host}: other machines can search this index; they must use one "
+            f"of the names {', '.join(sorted(server.allowed_hosts))} (add more with --allowed_hosts)",
+            file=sys.stderr,
+        )
     print(f"Searching {len(index)} images of {index.directory} at {server.url} (Ctrl+C to stop)", flush=True)
     try:
         server.serve_forever()

@@ -25,7 +25,7 @@ from PIL import Image, ImageFile
 import retrieval
 from benchmarks import bench_retrieval
 from component import retrieval as retrieval_component
-from component import retrieval_images, retrieval_server, retrieval_store
+from component import retrieval_images, retrieval_served_images, retrieval_server, retrieval_store
 from component.encoding import InputError, encode_images, encode_texts, load_model_and_processor
 from component.retrieval import RetrievalIndex
 from component.retrieval_server import RetrievalServer, ServedIndex
@@ -635,7 +635,7 @@ def no_decoding(monkeypatch):
     monkeypatch.setattr(ImageFile.ImageFile, "load", load)
 
 
-TOO_LARGE = f"image too large: 12000 x 12000 pixels, the limit is {retrieval_server.MAX_IMAGE_PIXELS}"
+TOO_LARGE = f"image too large: 12000 x 12000 pixels, the limit is {retrieval_served_images.MAX_IMAGE_PIXELS}"
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
@@ -659,10 +659,10 @@ def test_a_jpeg_counts_its_pixels_at_the_scale_its_thumbnail_decodes_at(tmp_path
     image = Image.new("RGB", (2400, 1800), "red")  # 4.3 M pixels; at 1/4 scale 600 x 450
     image.save(tmp_path / "large.jpg")
     image.save(tmp_path / "large.png")
-    thumbnail = retrieval_server.make_thumbnail(tmp_path / "large.jpg", max_pixels=300_000)
+    thumbnail = retrieval_served_images.make_thumbnail(tmp_path / "large.jpg", max_pixels=300_000)
     assert Image.open(io.BytesIO(thumbnail)).size == (256, 192)
     with pytest.raises(InputError, match="image too large: 2400 x 1800 pixels, the limit is 300000"):
-        retrieval_server.make_thumbnail(tmp_path / "large.png", max_pixels=300_000)
+        retrieval_served_images.make_thumbnail(tmp_path / "large.png", max_pixels=300_000)
 
 
 def test_uploads_are_decoded_and_searched_two_at_a_time(server, monkeypatch):
@@ -688,7 +688,7 @@ def test_uploads_are_decoded_and_searched_two_at_a_time(server, monkeypatch):
         upload.start()
     for upload in uploads:
         upload.join(60)
-    assert statuses == [400] * 5 and max(most) == retrieval_server.UPLOADS_DECODED_AT_ONCE
+    assert statuses == [400] * 5 and max(most) == retrieval_server.IMAGES_DECODED_AT_ONCE
 
 
 # --- the server after a later index run ---

@@ -71,6 +71,13 @@ def page(server_url):
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         page = browser.new_page()
         page.set_default_timeout(20_000)
+        page.console_errors = []  # a blocked inline script or style is reported here
+
+        def keep_error(message) -> None:
+            if message.type == "error":
+                page.console_errors.append(message.text)
+
+        page.on("console", keep_error)
         page.goto(server_url)
         yield page
         browser.close()
@@ -119,3 +126,9 @@ def test_image_upload_shows_the_image_itself_first(capsys, page, index_dir):
     shown = shown_filenames(page)
     assert shown[0] == "more/g.jpg"
     assert shown == command_filenames(capsys, index_dir, "--image", str(image))
+
+
+def test_the_content_security_policy_lets_the_pages_own_script_and_style_run(page):
+    page.wait_for_function("() => document.getElementById('results').children.length > 0")
+    assert page.evaluate("getComputedStyle(document.getElementById('results')).display") == "flex"
+    assert not [error for error in page.console_errors if "Content Security Policy" in error]
