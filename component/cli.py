@@ -26,11 +26,17 @@ def pick_device(requested: str | None) -> torch.device:
 
 
 def list_images(directory: str | Path) -> list[Path]:
-    """Image files (by suffix) under a directory and its subdirectories, sorted."""
+    """Image files (by suffix) under a directory and its subdirectories, sorted.
+
+    Only regular files (or links to them) are listed: a FIFO or a device named like an image would
+    block whoever opens it.
+    """
     directory = Path(directory)
     if not directory.is_dir():
         raise InputError(f"{directory}: no such directory")
-    images = sorted(path for path in directory.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES)
+    images = sorted(
+        path for path in directory.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+    )
     if not images:
         raise InputError(f"{directory}: no image files ({', '.join(IMAGE_SUFFIXES)})")
     return images

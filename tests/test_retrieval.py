@@ -3,6 +3,7 @@ unreadable images, atomic updates, the web API, and the benchmark's quick mode."
 
 import io
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -26,6 +27,7 @@ import retrieval
 from benchmarks import bench_retrieval
 from component import retrieval as retrieval_component
 from component import retrieval_images, retrieval_served_images, retrieval_server, retrieval_store
+from component.cli import list_images
 from component.encoding import InputError, encode_images, encode_texts, load_model_and_processor
 from component.retrieval import RetrievalIndex
 from component.retrieval_server import RetrievalServer, ServedIndex
@@ -268,6 +270,59 @@ def test_unreadable_images_are_skipped_and_listed(capsys, tmp_path, tiny_checkpo
     unreadable = read_info(tmp_path / "index").last_run["unreadable"]
     assert sorted(image["filename"] for image in unreadable) == ["broken.jpg", "cut.png"]
     assert sorted(stored(tmp_path / "index")[0]) == ["fine.jpg", "good.png"]
+
+
+def run_in_thread(run, seconds: float = 60) -> None:
+    """Run `run` in a thread and fail, rather than hang, when it has not ended after `seconds`."""
+    errors = []
+
+    def target():
+        try:
+            run()
+        except BaseException as error:  # SystemExit included: report it to the test
+            errors.append(error)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still running after {seconds} s"
+    if errors:
+        raise errors[0]
+
+
+@pytest.fixture
+def folder_with_a_fifo(tmp_path) -> Path:
+    """Two images, a FIFO and a directory named like images; the FIFO is released after the test."""
+    images = tmp_path / "images"
+    draw_images(images, ["good.png", "fine.jpg"])
+    os.mkfifo(images / "pipe.jpg")
+    (images / "folder.png").mkdir()
+    yield images
+    try:  # a reader still blocked on the FIFO gets end of file
+        os.close(os.open(images / "pipe.jpg", os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:
+        pass  # no reader: nothing blocked
+
+
+def test_a_folder_lists_only_regular_files(folder_with_a_fifo):
+    assert [path.name for path in list_images(folder_with_a_fifo)] == ["fine.jpg", "good.png"]
+
+
+def test_a_fifo_in_the_folder_does_not_hang_indexing(capsys, tmp_path, tiny_checkpoint, folder_with_a_fifo):
+    run_in_thread(lambda: run_index(tiny_checkpoint, folder_with_a_fifo, tmp_path / "index"))
+    assert "2 new image(s); 0 already indexed, 0 removed, 0 unreadable" in capsys.readouterr().out
+    assert sorted(stored(tmp_path / "index")[0]) == ["fine.jpg", "good.png"]
+
+
+def test_a_fifo_named_in_a_csv_is_skipped_as_unreadable(
+    capsys, tmp_path, tiny_checkpoint, folder_with_a_fifo
+):
+    (tmp_path / "pairs.csv").write_text("text,filename\n一只猫,good.png\n管道,pipe.jpg\n", encoding="utf-8")
+    options = ["--input", tmp_path / "pairs.csv", "--image_path", folder_with_a_fifo]
+    run_in_thread(lambda: retrieval.main(index_argv(tiny_checkpoint, tmp_path / "index", *options)))
+    captured = capsys.readouterr()
+    assert "1 new image(s); 0 already indexed, 0 removed, 1 unreadable" in captured.out
+    assert "skipped unreadable image pipe.jpg: RejectedError: not_a_file:" in captured.err
 
 
 def test_a_folder_of_only_unreadable_images_is_an_error(capsys, tmp_path, tiny_checkpoint):
