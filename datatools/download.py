@@ -19,6 +19,7 @@ from pathlib import Path
 from PIL import Image
 
 from datatools.atomic import atomic_file, write_json_atomic
+from datatools.csv_rows import AtomicCsvWriter, CsvTable, InputError
 from datatools.fetch import (
     INTERRUPTED,
     MAX_HOSTS_PER_THREAD,
@@ -30,12 +31,9 @@ from datatools.fetch import (
 )
 from datatools.image_check import (
     DEFAULT_MAX_PIXELS,
-    AtomicCsvWriter,
     ImageRoot,
-    InputError,
     RejectedError,
     decode_fully,
-    iter_csv_rows,
     open_image,
     reason_for_path_error,
 )
@@ -259,7 +257,7 @@ def read_failed_filenames(output_dir: Path) -> set[str]:
     path = output_dir / FAILED_NAME
     if not path.is_file():
         raise InputError(f"{path}: no failure list to retry (run once without --retry_failed)")
-    return {row.get("filename", "") for row in iter_csv_rows(path)}
+    return {filename for (filename,) in CsvTable.open(path, ["filename"]).columns("filename")}
 
 
 class DownloadReport:
@@ -295,7 +293,11 @@ class DownloadReport:
         }
 
     def save(self, details: dict[str, object], keep_old_failure_list: bool = False) -> dict[str, object]:
-        """Write the failure list (unless `keep_old_failure_list`) and the JSON report; return the report."""
+        """Write the failure list (unless `keep_old_failure_list`) and the JSON report; return the report.
+
+        The failure list is written out in full before the report, and moved into place after it,
+        so a full disk leaves the old pair of files, not a new report beside an old list.
+        """
         elapsed = time.monotonic() - self._started
         report = {
             **self.totals(),
@@ -306,10 +308,12 @@ class DownloadReport:
         if keep_old_failure_list:
             self._failed_rows.discard()
         else:
-            self._failed_rows.commit()
+            self._failed_rows.finish()
         write_json_atomic(self.output_dir / REPORT_NAME, report)
+        if not keep_old_failure_list:
+            self._failed_rows.commit()
         return report
 
     def discard(self) -> None:
-        """Drop the failure list being written (the old one, if any, stays)."""
+        """Drop the failure list being written (the old one, if any, stays); safe on a full disk."""
         self._failed_rows.discard()

@@ -1,16 +1,16 @@
-"""Data files on disk: CSV tables of rows, safe image paths, safe opening, full-decode checks.
+"""Images on disk: safe paths under a root, full-decode checks, and checking CSV rows in worker processes.
+
+The CSV tables themselves are read and written by `datatools.csv_rows`.
 
 Every failure is a `RejectedError` whose `reason` is a short stable identifier (`truncated`,
 `decompression_bomb`, ...), so callers can count, report and test reasons without parsing messages.
 """
 
-import csv
 import errno
 import multiprocessing
 import os
 import signal
 import sys
-import uuid
 import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -19,7 +19,6 @@ from pathlib import Path
 
 from PIL import Image
 
-from datatools.errors import UserError
 from datatools.images import MAX_PIXELS, RejectedError, open_image, reason_for_decode_error
 
 DEFAULT_MAX_PIXELS = MAX_PIXELS
@@ -228,78 +227,3 @@ def _merge_batch(
     image_reasons = iter(future.result())
     for row, (reason, path) in zip(batch, checked, strict=True):
         yield row, reason if path is None else next(image_reasons)
-
-
-class InputError(UserError):
-    """Input the user must fix (a missing file or column, a malformed CSV); the message says which."""
-
-
-def read_csv_header(path: str | Path, required: Sequence[str]) -> list[str]:
-    """The column names of the CSV at `path`, after checking it exists and has `required` columns."""
-    if not Path(path).is_file():
-        raise InputError(f"{path}: no such file")
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as file:
-            header = next(csv.reader(file), None)
-    except (OSError, UnicodeDecodeError, csv.Error) as error:
-        raise InputError(f"{path}: cannot read it as a UTF-8 CSV ({error})") from None
-    if not header:
-        raise InputError(f"{path}: empty file, expected a header with columns {', '.join(required)}")
-    missing = [column for column in required if column not in header]
-    if missing:
-        raise InputError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(header)}")
-    return header
-
-
-def count_csv_rows(path: str | Path) -> int:
-    """The number of data rows; reads the whole file, so a malformed CSV fails before any work."""
-    with open(path, newline="", encoding="utf-8-sig") as file:
-        reader = csv.reader(file)
-        try:
-            return max(0, sum(1 for _ in reader) - 1)
-        except (UnicodeDecodeError, csv.Error) as error:
-            raise InputError(f"{path}: malformed CSV near line {reader.line_num + 1} ({error})") from None
-
-
-def iter_csv_rows(path: str | Path) -> Iterator[dict[str, str]]:
-    """Stream the rows of a CSV as dicts; missing values are empty strings, extra values dropped."""
-    with open(path, newline="", encoding="utf-8-sig") as file:
-        for row in csv.DictReader(file):
-            yield {key: value or "" for key, value in row.items() if key is not None}
-
-
-class AtomicCsvWriter:
-    """CSV rows written to a hidden temp file beside `path`, moved into place only by `commit()`.
-
-    Leaving the `with` block without `commit()` (an error, Ctrl-C) removes the temp file, so
-    `path` is either the old file or the complete new one.
-    """
-
-    def __init__(self, path: str | Path, fieldnames: Sequence[str]) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._temp = self.path.with_name(f".{uuid.uuid4().hex}.part")  # short: any name fits
-        self._file = open(self._temp, "x", newline="", encoding="utf-8")
-        self._writer = csv.DictWriter(self._file, fieldnames, extrasaction="ignore")
-        self._writer.writeheader()
-
-    def write(self, row: dict[str, str]) -> None:
-        """Append one row (columns not in `fieldnames` are ignored)."""
-        self._writer.writerow(row)
-
-    def commit(self) -> None:
-        """Close and move the file into place."""
-        self._file.close()
-        os.replace(self._temp, self.path)
-
-    def discard(self) -> None:
-        """Close and remove the temp file; `path` is left as it was."""
-        self._file.close()
-        self._temp.unlink(missing_ok=True)
-
-    def __enter__(self) -> "AtomicCsvWriter":
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if not self._file.closed:
-            self.discard()

@@ -13,6 +13,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
+from _full_disk import SmallDisk, leftovers, tmpfs
 from _http_server import (
     BLUE,
     RED,
@@ -25,6 +26,8 @@ from _http_server import (
 )
 from PIL import Image
 
+import datatools.atomic
+import datatools.csv_rows
 import datatools.download
 import download_image
 from benchmarks import bench_download
@@ -655,3 +658,34 @@ def test_benchmark_quick_mode_runs(tmp_path, capsys):
 
 def test_help_loads_neither_torch_nor_transformers():
     assert heavy_modules_after_help("download_image") == []
+
+
+def assert_full_disk_ended_cleanly(exit_code: int, err: str, output: Path) -> None:
+    assert exit_code == 1
+    assert "Traceback" not in err and "No space left on device" in err
+    assert err.strip().splitlines()[-1].startswith(f"error: cannot write to {output}")
+    assert leftovers(output) == [] and not (output / "download_report.json").exists()
+
+
+@pytest.mark.parametrize("filling", ["images", "failure_list"])
+def test_a_full_disk_stops_the_run_with_one_line_and_leaves_no_temp_files(
+    server, tmp_path, monkeypatch, capsys, filling
+):
+    if filling == "images":
+        rows = [{"text": "x", "url": server.url("/jpeg.jpg"), "filename": f"{i}.jpg"} for i in range(20)]
+        monkeypatch.setattr(datatools.atomic, "open", SmallDisk(free_bytes=5_000).open, raising=False)
+    else:  # every row fails without a request, and the failure list fills the disk
+        rows = [{"text": "一只猫" * 50, "url": "ftp://x/1.jpg", "filename": f"{i}.jpg"} for i in range(300)]
+        monkeypatch.setattr(datatools.csv_rows, "open", SmallDisk(free_bytes=20_000).open, raising=False)
+    output = tmp_path / "images"
+    argv = ["--input", str(write_csv(tmp_path / "train.csv", rows)), "--output", str(output)]
+    exit_code = download_image.main([*argv, *FAST])
+    assert_full_disk_ended_cleanly(exit_code, capsys.readouterr().err, output)
+
+
+def test_a_real_full_tmpfs_stops_the_run_with_one_line_and_leaves_no_temp_files(server, tmp_path, capsys):
+    rows = [{"text": "x", "url": server.url("/jpeg.jpg"), "filename": f"{i}.jpg"} for i in range(60)]
+    csv_path = write_csv(tmp_path / "train.csv", rows)
+    with tmpfs(tmp_path / "small") as output:
+        exit_code = download_image.main(["--input", str(csv_path), "--output", str(output), *FAST])
+        assert_full_disk_ended_cleanly(exit_code, capsys.readouterr().err, output)

@@ -5,9 +5,11 @@ import hashlib
 from pathlib import Path
 
 import pytest
+from _full_disk import SmallDisk, leftovers, tmpfs
 from _http_server import encode, heavy_modules_after_help, png_claiming, two_tone
 from PIL import Image
 
+import datatools.csv_rows
 import filter_data
 from datatools.image_check import check_image
 
@@ -209,3 +211,34 @@ def test_check_image_limits_can_be_switched_off(tmp_path):
 
 def test_help_loads_neither_torch_nor_transformers():
     assert heavy_modules_after_help("filter_data") == []
+
+
+def long_caption_csv(path: Path, rows: int = 300) -> Path:
+    """Rows whose images do not exist: each is rejected, so ~500 bytes of rejected rows per row."""
+    with open(path, "w", newline="", encoding="utf-8") as file:
+        writer = csv.writer(file)
+        writer.writerow(["text", "filename"])
+        writer.writerows([("一只猫在沙发上" * 20, f"{index}.jpg") for index in range(rows)])
+    return path
+
+
+def assert_full_disk_ended_cleanly(exit_code: int, err: str, output_dir: Path) -> None:
+    assert exit_code == 1
+    assert "Traceback" not in err and "No space left on device" in err and "no output written" in err
+    assert not list(output_dir.glob("out*.csv")) and leftovers(output_dir) == []
+
+
+def test_a_full_disk_ends_with_one_line_and_leaves_no_part_file(tmp_path, monkeypatch, capsys):
+    csv_path = long_caption_csv(tmp_path / "train.csv")
+    monkeypatch.setattr(datatools.csv_rows, "open", SmallDisk(free_bytes=20_000).open, raising=False)
+    argv = ["--input", str(csv_path), "--image_path", str(tmp_path), "--output", str(tmp_path / "out.csv")]
+    exit_code = filter_data.main([*argv, "--workers", "0"])
+    assert_full_disk_ended_cleanly(exit_code, capsys.readouterr().err, tmp_path)
+
+
+def test_a_real_full_tmpfs_ends_with_one_line_and_leaves_no_part_file(tmp_path, capsys):
+    csv_path = long_caption_csv(tmp_path / "train.csv")
+    with tmpfs(tmp_path / "small") as small:
+        argv = ["--input", str(csv_path), "--image_path", str(tmp_path), "--output", str(small / "out.csv")]
+        exit_code = filter_data.main([*argv, "--workers", "0"])
+        assert_full_disk_ended_cleanly(exit_code, capsys.readouterr().err, small)
