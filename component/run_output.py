@@ -38,6 +38,7 @@ LAST_FILE = "config.json"  # renamed into place last: a directory without it is 
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 DISK_FULL_MESSAGES = ("No space left on device", "Disk quota exceeded")
 NEARLY_FULL_BYTES = 16 * 2**20  # torch.save's failed write names no errno; a file system this full is full
+TORCH_WRITE_FAILURES = ("inline_container", "PytorchStreamWriter", "file write failed")
 # Keys of the arguments record that may differ on a resume without changing what is trained.
 VOLATILE_ARGS = {"resume_from_checkpoint", "output_dir", "logging_dir", "run_name"}
 
@@ -130,8 +131,9 @@ def is_disk_full(error: BaseException, path: Path) -> bool:
         if any(message in str(seen) for message in DISK_FULL_MESSAGES):
             return True
         seen = seen.__cause__ or seen.__context__
+    writing = isinstance(error, OSError) or any(sign in str(error) for sign in TORCH_WRITE_FAILURES)
     free = free_bytes(path)
-    return isinstance(error, (OSError, RuntimeError)) and free is not None and free < NEARLY_FULL_BYTES
+    return writing and free is not None and free < NEARLY_FULL_BYTES
 
 
 @contextmanager

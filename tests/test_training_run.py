@@ -252,3 +252,16 @@ def test_ctrl_c_says_how_to_resume_and_exits_130(tiny_towers, shapes_data, tmp_p
     assert str(tmp_path / "run" / "checkpoint-") in last and last.endswith(
         "re-run the same command to resume"
     )
+
+
+def test_a_failed_torch_save_on_a_full_disk_counts_as_disk_full(tmpfs):
+    import torch
+
+    from component.run_output import is_disk_full
+
+    with open(tmpfs / "filler", "wb") as file:
+        os.posix_fallocate(file.fileno(), 0, shutil.disk_usage(tmpfs).free - 4096)
+    with pytest.raises(RuntimeError) as error:  # torch.save's error names no errno
+        torch.save({"weights": torch.zeros(100_000)}, tmpfs / "optimizer.pt")
+    assert is_disk_full(error.value, tmpfs)
+    assert not is_disk_full(RuntimeError("CUDA out of memory"), tmpfs)  # not a write: keeps its traceback
