@@ -4,14 +4,16 @@ import logging
 import math
 import os
 import stat
+from array import array
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from torch.utils.data import Dataset
 
 from component.processor import ImageTransform
+from datatools.csv_rows import CsvTable, InputError
 from datatools.errors import DataStopError, UserError
 from datatools.image_check import ImageRoot
 from datatools.images import RejectedError
@@ -28,12 +30,35 @@ class StringColumn:
     worker as reference counts change; two numpy arrays are shared and never written.
     """
 
-    def __init__(self, strings: list[str] | np.ndarray | pd.Series):
-        encoded = [str(s).encode("utf-8") for s in strings]
-        lengths = np.fromiter((len(b) for b in encoded), dtype=np.int64, count=len(encoded))
-        self.offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=self.offsets[1:])
-        self.buffer = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+    def __init__(self, strings: Iterable[str] = ()):
+        data = bytearray()
+        ends = array("q", [0])
+        for string in strings:
+            data += str(string).encode("utf-8")
+            ends.append(len(data))
+        self._set(data, ends)
+
+    def _set(self, data: bytearray, ends: array) -> None:
+        # Views, not copies: the bytearray's spare capacity (an eighth at most) costs less than
+        # a second copy of a buffer that can hold gigabytes.
+        self.buffer = np.frombuffer(data, dtype=np.uint8)
+        self.offsets = np.frombuffer(ends, dtype=np.int64)
+        self.buffer.flags.writeable = self.offsets.flags.writeable = False
+
+    @classmethod
+    def pack_pairs(cls, pairs: Iterable[tuple[str, str]]) -> tuple["StringColumn", "StringColumn"]:
+        """Two columns filled in one pass over `pairs`, never holding the rows as Python objects."""
+        first_data, second_data = bytearray(), bytearray()
+        first_ends, second_ends = array("q", [0]), array("q", [0])
+        for first, second in pairs:
+            first_data += first.encode("utf-8")
+            first_ends.append(len(first_data))
+            second_data += second.encode("utf-8")
+            second_ends.append(len(second_data))
+        columns = cls.__new__(cls), cls.__new__(cls)
+        columns[0]._set(first_data, first_ends)
+        columns[1]._set(second_data, second_ends)
+        return columns
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -63,26 +88,40 @@ class DataError(UserError, ValueError):
     """A training or test CSV the user must fix; the message names the file."""
 
 
-def read_image_text_csv(path: str | Path) -> ImageTextRows:
-    """Read `text` and `filename` columns (others ignored); rows with missing or blank text are dropped."""
+def read_image_text_csv(path: str | Path, encoding: str | None = None) -> ImageTextRows:
+    """Read the `text` and `filename` columns (others ignored) with the toolkit's one strict CSV reader.
+
+    Rows with blank text or filename are dropped and counted. A malformed CSV (a stray quote, a
+    row with more values than the header) raises `DataError` naming the line, as the data tools do.
+
+    encoding: the file's encoding; None reads UTF-8 (with or without a BOM), else GB18030.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such CSV file")
+    dropped = 0
+
+    def usable(pairs: Iterable[tuple[str, ...]]) -> Iterator[tuple[str, ...]]:
+        nonlocal dropped
+        for text, filename in pairs:
+            if text.strip() and filename.strip():
+                yield text, filename
+            else:
+                dropped += 1
+
     try:
-        frame = pd.read_csv(path, usecols=lambda c: c in REQUIRED_COLUMNS, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as error:
-        raise DataError(f"{path}: cannot be read as CSV ({error})") from error
-    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {missing}; expected a header with text and filename")
-    keep = (frame["text"].str.strip() != "") & (frame["filename"].str.strip() != "")
-    dropped = int((~keep).sum())
+        table = CsvTable.open(path, REQUIRED_COLUMNS, encoding)
+        if table.encoding_note():
+            logger.warning(table.encoding_note())
+        # Row by row into the packed columns: 10M rows never exist as 10M Python objects at once.
+        texts, filenames = StringColumn.pack_pairs(usable(table.columns(*REQUIRED_COLUMNS)))
+    except InputError as error:
+        raise DataError(str(error)) from None
     if dropped:
         logger.warning(f"{path}: dropped {dropped} row(s) with blank text or filename")
-    frame = frame[keep]
-    if frame.empty:
+    if not len(texts):
         raise DataError(f"{path}: no rows with both text and filename")
-    return ImageTextRows(StringColumn(frame["text"]), StringColumn(frame["filename"]), str(path), dropped)
+    return ImageTextRows(texts, filenames, str(path), dropped)
 
 
 def coprime_stride(n: int) -> int:
