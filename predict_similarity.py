@@ -7,10 +7,15 @@
 For each query the candidates are ranked by cosine similarity, with the softmax probability over
 the candidates of cosine * exp(logit_scale) (the model's own logits). In text-text and image-image
 mode every input is scored against every other, and a self-match gets probability 0.
+
+Output cut short by the reader (`... | head`) ends the script quietly with exit status 141, as
+for any Unix tool killed by SIGPIPE (128 + 13), so `set -o pipefail` scripts see what they expect.
 """
 
 import argparse
 import json
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -21,6 +26,7 @@ from component.cli import list_images, pick_device, positive_int
 from component.encoding import (
     ZERO_SHOT_TEMPLATES,
     InputError,
+    check_templates,
     class_embeddings,
     encode_images,
     encode_texts,
@@ -32,6 +38,7 @@ from datatools.errors import report_user_errors
 
 Mode = Literal["image-text", "text-text", "image-image"]
 MODES: tuple[Mode, ...] = ("image-text", "text-text", "image-image")
+SIGPIPE_EXIT_STATUS = 141  # 128 + SIGPIPE (13): what a shell reports for a tool its reader closed on
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -67,7 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         default=list(ZERO_SHOT_TEMPLATES),
         metavar="TEMPLATE",
-        help="prompt templates for --labels, each with '{}' for the class name (default: %(default)s)",
+        help="prompt templates for --labels, each with '{}' for the class name; other braces are "
+        "literal text (default: %(default)s)",
     )
     parser.add_argument("--top_k", type=positive_int, default=5, help="candidates printed per query")
     parser.add_argument(
@@ -207,6 +215,8 @@ def run(args: argparse.Namespace) -> None:
     """Check the inputs, load the model, score and print."""
     texts, images = gather_inputs(args)
     mode = choose_mode(args.mode, texts, images, args.labels)
+    if args.labels:
+        check_templates(args.templates)
     device = pick_device(args.device)
     model, processor = load_model_and_processor(args.model_name_or_path, device)
     scores = score(model, processor, args, mode, texts, images)
@@ -217,9 +227,20 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Parse the command line and run; a bad input ends with "error: ..." and exit status 2."""
+    """Parse the command line and run; a bad input ends with "error: ..." and exit status 2.
+
+    A reader that stops early (`| head`) ends the run quietly with exit status 141 (SIGPIPE's).
+    """
     args = parse_args(argv)
-    report_user_errors(lambda: run(args))
+    try:
+        report_user_errors(lambda: run(args))
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's flush at exit
+    except BrokenPipeError:
+        # As Python's docs advise (signal module, "Note on SIGPIPE"): point stdout at devnull so
+        # that the flush at exit cannot fail again, and leave without a traceback.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        raise SystemExit(SIGPIPE_EXIT_STATUS) from None
 
 
 if __name__ == "__main__":

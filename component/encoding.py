@@ -24,7 +24,7 @@ from datatools.images import RejectedError
 ImageInput = str | Path | Image.Image
 
 # Prompts for zero-shot classification, a selection of the Chinese templates that Chinese-CLIP's
-# ImageNet zero-shot evaluation averages over; "{}" is replaced by the class name.
+# ImageNet zero-shot evaluation averages over; "{}" is replaced by the class name (see `prompts`).
 ZERO_SHOT_TEMPLATES: tuple[str, ...] = (
     "一张{}的照片。",
     "{}的照片。",
@@ -65,16 +65,8 @@ def load_model_and_processor(
         model = BertCLIPModel.from_pretrained(path)
     except OSError as error:
         raise InputError(f"{path}: cannot load the model ({error})") from error
-    try:
-        processor = load_processor(path)
-    except (OSError, ValueError) as error:
-        raise InputError(
-            f"{path}: no tokenizer and image processor saved beside the model ({error})"
-        ) from error
-    try:
-        check_tokenizer_fits(processor.tokenizer, model, path)
-    except ValueError as error:
-        raise InputError(str(error)) from error
+    processor = load_processor(path)  # a CheckpointError says what is missing or broken
+    check_tokenizer_fits(processor.tokenizer, model, path)
     return model.to(device).eval(), processor
 
 
@@ -185,9 +177,22 @@ def encode_images(
     return _finish(chunks)
 
 
+def check_templates(templates: Sequence[str]) -> None:
+    """Refuse an empty list of prompt templates, or a template without "{}" for the class name."""
+    if not templates:
+        raise InputError("no prompt templates for zero-shot classification")
+    for template in templates:
+        if "{}" not in template:
+            raise InputError(f"prompt template {template!r} has no '{{}}' for the class name")
+
+
 def prompts(label: str, templates: Sequence[str] = ZERO_SHOT_TEMPLATES) -> list[str]:
-    """The zero-shot prompts for one class name, one per template."""
-    return [template.format(label) for template in templates]
+    """The zero-shot prompts for one class name, one per template.
+
+    Each "{}" in a template becomes the class name; every other brace is literal text (unlike
+    str.format, so that a template such as '{"label": "{}"}' works as written).
+    """
+    return [template.replace("{}", label) for template in templates]
 
 
 def class_embeddings(
@@ -203,11 +208,7 @@ def class_embeddings(
     """
     if not labels:
         raise InputError("no labels for zero-shot classification")
-    if not templates:
-        raise InputError("no prompt templates for zero-shot classification")
-    for template in templates:
-        if "{}" not in template:
-            raise InputError(f"prompt template {template!r} has no '{{}}' for the class name")
+    check_templates(templates)
     texts = [prompt for label in labels for prompt in prompts(label, templates)]
     prompt_embeds = encode_texts(model, processor, texts, **encode_options)
     prompt_embeds = prompt_embeds.view(len(labels), len(templates), -1)  # [labels, templates, dim]

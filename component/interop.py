@@ -1,13 +1,17 @@
 """Checkpoint formats: BertCLIP, transformers ChineseCLIP, the original CLIP-Chinese, and tower exports."""
 
+import copy
 import json
+import pickle
 from pathlib import Path
 
+from safetensors import SafetensorError, safe_open
 from transformers import (
-    AutoTokenizer,
     BertModel,
     ChineseCLIPConfig,
+    ChineseCLIPImageProcessorPil,
     ChineseCLIPModel,
+    ChineseCLIPProcessor,
     CLIPVisionConfig,
     CLIPVisionModelWithProjection,
 )
@@ -20,6 +24,9 @@ logger = logging.get_logger(__name__)
 
 # Keys of a ChineseCLIP or CLIP sub-config that only describe the sub-config's own class.
 _CLASS_KEYS = ("model_type", "architectures", "_name_or_path", "transformers_version")
+# What a CLIP-style image processor does to an image; ChineseCLIPImageProcessor takes the same.
+_IMAGE_SETTINGS = ("do_convert_rgb", "do_resize", "size", "resample", "do_center_crop", "crop_size",
+                   "do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std")  # fmt: skip
 
 
 class CheckpointError(UserError, ValueError):
@@ -105,8 +112,42 @@ def report_loading_info(name: str, path, info: dict) -> None:
             logger.warning(f"{name} from {path}: {kind.replace('_', ' ')}: {keys}")
 
 
+# What reading a truncated or damaged weights file raises (safetensors, or torch.load for a .bin).
+WEIGHTS_FILE_ERRORS = (SafetensorError, pickle.UnpicklingError, EOFError)
+
+
+def unreadable_weights_error(path: str | Path, error: Exception) -> CheckpointError:
+    """The one-line error for a weights file in `path` that cannot be read, naming the file."""
+    directory = Path(path)
+    suspects = [directory]
+    if directory.is_dir():
+        safetensors = sorted(directory.glob("*.safetensors"))
+        suspects = (
+            [file for file in safetensors if not _safetensors_readable(file)]
+            or (sorted(directory.glob("*.bin")) + safetensors)
+            or suspects
+        )
+    # torch.load's own message suggests weights_only=False, which is no fix for a damaged file.
+    detail = f": {error}" if isinstance(error, SafetensorError) else ""
+    return CheckpointError(
+        f"{', '.join(map(str, suspects))}: cannot read the weights ({type(error).__name__}{detail}); "
+        "the file is truncated, damaged or not a weights file: save or download it again"
+    )
+
+
+def _safetensors_readable(file: Path) -> bool:
+    try:
+        with safe_open(str(file), framework="pt"):
+            return True
+    except (SafetensorError, OSError):
+        return False
+
+
 def to_chinese_clip(model) -> ChineseCLIPModel:
-    """Copy a BertCLIPModel into a `transformers.ChineseCLIPModel` with identical outputs."""
+    """Copy a BertCLIPModel into a `transformers.ChineseCLIPModel` with identical outputs.
+
+    To write it to disk use `save_chinese_clip`, which saves the matching processor with it.
+    """
     config = model.config
     if config.text_pooling != "cls":
         raise ValueError(
@@ -124,24 +165,64 @@ def to_chinese_clip(model) -> ChineseCLIPModel:
     return chinese.to(model.device).eval()
 
 
+def save_chinese_clip(model, save_directory: str | Path, processor=None) -> None:
+    """Write a complete transformers ChineseCLIP directory: `ChineseCLIPModel` weights plus a
+    `ChineseCLIPProcessor` (the tokenizer, and a ChineseCLIPImageProcessor with the same resize,
+    crop and normalisation), so that `ChineseCLIPProcessor.from_pretrained` and
+    `ChineseCLIPModel.from_pretrained` (and predict_similarity.py) load it as it is.
+
+    `processor` defaults to the one saved beside the model. Everything is checked before the
+    first file is written.
+    """
+    processor = processor if processor is not None else _processor_beside(model)
+    if processor is None:
+        raise CheckpointError(
+            f"no processor saved beside the model ({model.name_or_path}); pass processor= "
+            "(component.processor.load_processor(checkpoint)) to save_chinese_clip"
+        )
+    chinese_processor = to_chinese_clip_processor(processor)
+    chinese = to_chinese_clip(model)
+    chinese.save_pretrained(save_directory)
+    chinese_processor.save_pretrained(save_directory)
+
+
+def to_chinese_clip_processor(processor) -> ChineseCLIPProcessor:
+    """A `ChineseCLIPProcessor` that tokenises and preprocesses exactly as `processor` does."""
+    image_processor = processor.image_processor
+    settings = {name: getattr(image_processor, name) for name in _IMAGE_SETTINGS}
+    settings["size"], settings["crop_size"] = dict(settings["size"]), dict(settings["crop_size"] or {})
+    return ChineseCLIPProcessor(
+        image_processor=ChineseCLIPImageProcessorPil(**settings),
+        tokenizer=_standalone_tokenizer(processor.tokenizer),
+    )
+
+
 def save_text_tower(model, save_directory: str | Path, tokenizer=None) -> None:
     """Write the text tower as a plain `BertModel` directory, with the tokenizer when one is known.
 
     With text_pooling "cls" the tower has no pooler: read `last_hidden_state[:, 0]` downstream.
+    The tokenizer is saved without a "processor_class": the directory has no image processor, so
+    `AutoProcessor` (and sentence-transformers) must see a plain tokenizer.
     """
+    tokenizer = tokenizer if tokenizer is not None else _tokenizer_beside(model)
     tower = BertModel(
         model.config.text_config,
         add_pooling_layer=model.config.text_pooling == "pooler",
     )
     tower.load_state_dict(model.text_model.state_dict(), strict=True)
     tower.save_pretrained(save_directory)
-    tokenizer = tokenizer or _tokenizer_beside(model)
     if tokenizer is not None:
-        tokenizer.save_pretrained(save_directory)
+        _standalone_tokenizer(tokenizer).save_pretrained(save_directory)
 
 
 def save_vision_tower(model, save_directory: str | Path, image_processor=None) -> None:
-    """Write the image tower plus its projection as a `CLIPVisionModelWithProjection` directory."""
+    """Write the image tower plus its projection as a `CLIPVisionModelWithProjection` directory.
+
+    The image processor (default: the one saved beside the model) is loaded before anything is
+    written, so a failure leaves no half-written directory.
+    """
+    if image_processor is None:
+        image_processor = _image_processor_beside(model)
     vision_config = CLIPVisionConfig(
         **{k: v for k, v in model.config.vision_config.to_dict().items() if k not in _CLASS_KEYS},
     )
@@ -151,23 +232,45 @@ def save_vision_tower(model, save_directory: str | Path, image_processor=None) -
     state["visual_projection.weight"] = model.visual_projection.weight
     tower.load_state_dict(state, strict=True)
     tower.save_pretrained(save_directory)
-    if image_processor is None:
-        image_processor = _image_processor_beside(model)
     if image_processor is not None:
         image_processor.save_pretrained(save_directory)
 
 
-def _tokenizer_beside(model):
+def _standalone_tokenizer(tokenizer):
+    # A copy that names no processor class; a processor that saves it sets its own.
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.init_kwargs.pop("processor_class", None)
+    tokenizer._set_processor_class(None)
+    return tokenizer
+
+
+def _source_directory(model) -> Path | None:
     source = Path(str(model.name_or_path))
-    if source.is_dir() and any((source / name).exists() for name in ("tokenizer.json", "vocab.txt")):
-        return AutoTokenizer.from_pretrained(source)
+    return source if source.is_dir() else None
+
+
+def _tokenizer_beside(model):
+    from component.processor import load_tokenizer
+
+    source = _source_directory(model)
+    if source and any((source / name).is_file() for name in ("tokenizer.json", "vocab.txt")):
+        return load_tokenizer(source)
     return None
 
 
 def _image_processor_beside(model):
-    from component.processor import load_processor
+    from component.processor import IMAGE_PROCESSOR_FILES, load_image_processor
 
-    source = Path(str(model.name_or_path))
-    if (source / "processor_config.json").is_file() or (source / "preprocessor_config.json").is_file():
-        return load_processor(source).image_processor
+    source = _source_directory(model)
+    if source and any((source / name).is_file() for name in IMAGE_PROCESSOR_FILES):
+        return load_image_processor(source)
+    return None
+
+
+def _processor_beside(model):
+    from component.processor import IMAGE_PROCESSOR_FILES, load_processor
+
+    source = _source_directory(model)
+    if source and any((source / name).is_file() for name in IMAGE_PROCESSOR_FILES):
+        return load_processor(source)
     return None

@@ -12,7 +12,13 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput, logging
 
 from component.configuration import BertCLIPConfig
-from component.interop import CheckpointError, read_config_dict, report_loading_info
+from component.interop import (
+    WEIGHTS_FILE_ERRORS,
+    CheckpointError,
+    read_config_dict,
+    report_loading_info,
+    unreadable_weights_error,
+)
 from component.loss import contrastive_loss
 
 logger = logging.get_logger(__name__)
@@ -81,9 +87,12 @@ class BertCLIPPreTrainedModel(PreTrainedModel):
         # Shape mismatches are collected rather than raised deep inside transformers, so that
         # the error below names the checkpoint and the weights.
         kwargs.setdefault("ignore_mismatched_sizes", True)
-        model, info = super().from_pretrained(
-            pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
-        )
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+            )
+        except WEIGHTS_FILE_ERRORS as error:
+            raise unreadable_weights_error(pretrained_model_name_or_path, error) from error
         report_loading_info(cls.__name__, pretrained_model_name_or_path, info)
         return (model, info) if want_info else model
 
@@ -212,6 +221,15 @@ class BertCLIPModel(BertCLIPPreTrainedModel):
         from component.interop import to_chinese_clip
 
         return to_chinese_clip(self)
+
+    def save_chinese_clip(self, save_directory: str | Path, processor=None) -> None:
+        """Write a complete transformers ChineseCLIP directory (model plus `ChineseCLIPProcessor`).
+
+        `processor` defaults to the one saved beside this model's checkpoint.
+        """
+        from component.interop import save_chinese_clip
+
+        save_chinese_clip(self, save_directory, processor)
 
     def save_text_tower(self, save_directory: str | Path, tokenizer=None) -> None:
         """Write the BERT tower (and tokenizer) as a standalone `BertModel` directory."""

@@ -5,13 +5,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import transformers
 from PIL import Image
 from transformers import (
     AutoImageProcessor,
-    AutoProcessor,
+    AutoTokenizer,
     BertTokenizerFast,
+    ChineseCLIPProcessor,
+    PreTrainedTokenizerFast,
     VisionTextDualEncoderProcessor,
 )
+from transformers.image_processing_base import ImageProcessingMixin
 
 from component.interop import CheckpointError
 from datatools.images import MAX_PIXELS, load_rgb
@@ -24,9 +28,86 @@ def build_processor(clip_path: str | Path, bert_path: str | Path) -> VisionTextD
     return VisionTextDualEncoderProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
-def load_processor(path: str | Path):
-    """The processor saved beside a checkpoint (ours, or ChineseCLIP's own)."""
-    return AutoProcessor.from_pretrained(str(path), backend="pil")
+IMAGE_PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
+# Image backends that older versions of this toolkit passed on to the tokenizer, which saved them.
+_IMAGE_BACKENDS = ("pil", "torchvision")
+
+
+def load_processor(path: str | Path) -> VisionTextDualEncoderProcessor | ChineseCLIPProcessor:
+    """The processor saved beside a checkpoint: ours, ChineseCLIP's own, or the original CLIP-Chinese's.
+
+    Built from its two parts rather than through `AutoProcessor`, so that a processor class or an
+    image processor type that transformers no longer knows (CLIPProcessor with a BERT tokenizer,
+    CLIPFeatureExtractor) still loads. Raises `CheckpointError` naming what is missing or broken.
+    """
+    _check_processor_saved(path)
+    image_processor = load_image_processor(path)
+    tokenizer = load_tokenizer(path)
+    if type(image_processor).__name__.startswith("ChineseCLIP"):
+        return ChineseCLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    return VisionTextDualEncoderProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def _check_processor_saved(path: str | Path) -> None:
+    directory = Path(path)
+    if not directory.is_dir():
+        return  # a hub name: transformers says what it cannot find
+    has_image_processor = any((directory / name).is_file() for name in IMAGE_PROCESSOR_FILES)
+    has_tokenizer = any((directory / name).is_file() for name in TOKENIZER_FILES)
+    missing = [
+        what
+        for what, present in (("tokenizer", has_tokenizer), ("image processor", has_image_processor))
+        if not present
+    ]
+    if missing:
+        raise CheckpointError(
+            f"{directory}: no {' or '.join(missing)} saved beside the model (looked for "
+            f"{', '.join(TOKENIZER_FILES + IMAGE_PROCESSOR_FILES)}); save the processor into the "
+            "checkpoint with processor.save_pretrained(directory)"
+        )
+
+
+def load_image_processor(path: str | Path):
+    """The image processor saved in a checkpoint directory (or hub repo), with the PIL backend.
+
+    A `*FeatureExtractor` type, which transformers 5 removed (checkpoints saved by transformers 4
+    say "CLIPFeatureExtractor"), becomes its `*ImageProcessor` class, built from the saved settings;
+    the checkpoint itself is never rewritten.
+    """
+    try:
+        settings, _ = ImageProcessingMixin.get_image_processor_dict(str(path))
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{path}: cannot read the saved image processor ({error})") from error
+    type_name = settings.get("image_processor_type") or settings.get("feature_extractor_type") or ""
+    try:
+        if not type_name.endswith("FeatureExtractor"):
+            return AutoImageProcessor.from_pretrained(str(path), backend="pil")
+        class_name = type_name.removesuffix("FeatureExtractor") + "ImageProcessor"
+        image_processor_class = getattr(transformers, f"{class_name}Pil", None) or getattr(
+            transformers, class_name, None
+        )
+        if image_processor_class is None:
+            raise ValueError(f"transformers has no {class_name} to replace the removed {type_name}")
+        legacy_keys = ("image_processor_type", "feature_extractor_type", "processor_class", "auto_map")
+        return image_processor_class.from_dict({k: v for k, v in settings.items() if k not in legacy_keys})
+    except (OSError, ValueError, TypeError) as error:
+        raise CheckpointError(f"{path}: cannot load the saved image processor ({error})") from error
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer saved in a checkpoint directory (or hub repo)."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{path}: cannot load the saved tokenizer ({error})") from error
+    if tokenizer.init_kwargs.get("backend") in _IMAGE_BACKENDS:
+        # Saved by an older version of this toolkit; "backend" names the tokenizer's own backend.
+        del tokenizer.init_kwargs["backend"]
+        tokenizer.backend = "tokenizers" if isinstance(tokenizer, PreTrainedTokenizerFast) else None
+        if tokenizer.backend:
+            tokenizer.init_kwargs["backend"] = tokenizer.backend
+    return tokenizer
 
 
 def check_tokenizer_fits(tokenizer, model, source: str | Path) -> None:

@@ -18,6 +18,7 @@ from component.encoding import (
     similarity_scores,
     top_candidates,
 )
+from component.interop import CheckpointError
 from component.processor import load_processor
 
 TEXTS = ["一只猫", "两只狗在草地上奔跑", "红色的圆形", "猫", "一辆停在路边的白色汽车"]
@@ -144,5 +145,5 @@ def test_load_model_and_processor_gives_an_eval_model_on_the_device(tiny_checkpo
 def test_load_model_and_processor_names_a_checkpoint_without_processor(tiny_checkpoint, tmp_path):
     for name in ("config.json", "model.safetensors"):
         shutil.copy(tiny_checkpoint / name, tmp_path / name)
-    with pytest.raises(InputError, match="tokenizer and image processor"):
+    with pytest.raises(CheckpointError, match="no tokenizer or image processor saved"):
         load_model_and_processor(tmp_path, device="cpu")
