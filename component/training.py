@@ -19,6 +19,7 @@ from component.loss import world_size
 from component.model import BertCLIPModel
 from component.model_card import model_card, write_model_card
 from component.processor import ImageTransform, build_processor, check_tokenizer_fits, load_processor
+from component.run_checks import check_data_sizes, check_max_seq_length
 from component.run_output import (
     ARGS_FILE,
     ArgumentsRecordCallback,
@@ -177,8 +178,10 @@ def train_evaluate_save(
     set_seed(training_args.seed)
     share_cpu_with_workers(training_args)
     model, processor = build_model_and_processor(model_args)
+    check_max_seq_length(data_args.max_seq_length, model.config)
     transform = ImageTransform.from_processor(processor)
     train_dataset, test_dataset = build_datasets(data_args, transform)
+    check_data_sizes(train_dataset, training_args)
     row_counts = {data_args.train_file: len(train_dataset)}
     if test_dataset is not None:
         row_counts[data_args.test_file] = len(test_dataset)

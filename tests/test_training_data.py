@@ -220,3 +220,27 @@ def test_one_row_test_set_warns_in_the_log(tiny_towers, shapes, tmp_path, caplog
         metrics = run_main(tmp_path, values)
     assert metrics["eval_mean_recall"] == 1.0 and metrics["eval_images"] == 1
     assert f"{test_csv}: only 1 image and 1 caption(s) to score" in caplog.text
+
+
+# --- 12 and 7 through train_clip.py: refused before training, after the data is read -------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            {"dataloader_drop_last": True, "per_device_train_batch_size": 64},
+            "needs at least 64 training rows",
+        ),
+        ({"max_seq_length": 200}, "max_position_embeddings 128"),
+    ],
+)
+def test_run_checks_stop_train_clip_with_one_line(tiny_towers, shapes, tmp_path, capsys, overrides, message):
+    values = tiny_run_args(tiny_towers, shapes, tmp_path / "run", **overrides)
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(tmp_path, values)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in err
+    assert not (tmp_path / "run" / "model.safetensors").exists()
