@@ -13,6 +13,9 @@ Values are converted to the key's type: numbers, booleans as true/false/1/0/yes/
 
 import argparse
 import logging
+import os
+import shlex
+import sys
 
 from component.argument import command_line_overrides, describe_arguments, parse_train_args
 from datatools.errors import report_user_errors
@@ -43,7 +46,10 @@ def main(argv: list[str] | None = None) -> dict:
     arguments = report_user_errors(parse)
     from component.training import run_training  # heavy imports after the arguments are read
 
-    return report_user_errors(lambda: run_training(*arguments))
+    # named when Ctrl-C stops the run; torchrun's own command line is unknown here ("the same command")
+    words = sys.argv[1:] if argv is None else argv
+    command = None if "WORLD_SIZE" in os.environ else shlex.join(["python", "train_clip.py", *words])
+    return report_user_errors(lambda: run_training(*arguments, resume_command=command))
 
 
 if __name__ == "__main__":

@@ -249,9 +249,8 @@ def test_ctrl_c_says_how_to_resume_and_exits_130(tiny_towers, shapes_data, tmp_p
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: interrupted; newest complete checkpoint: ")
-    assert str(tmp_path / "run" / "checkpoint-") in last and last.endswith(
-        "re-run the same command to resume"
-    )
+    assert str(tmp_path / "run" / "checkpoint-") in last
+    assert last.endswith(f"re-run `python train_clip.py --train_args_file {args}` to resume")
 
 
 def test_a_failed_torch_save_on_a_full_disk_counts_as_disk_full(tmpfs):
