@@ -16,19 +16,11 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 import export_onnx
-from component import onnx_export
+from component import onnx_export, onnx_parity
 from component.encoding import encode_images, encode_texts, image_array, load_model_and_processor
 from component.model import BertCLIPModel
-from component.onnx_export import (
-    IMAGE_ENCODER_FILE,
-    METADATA_FILE,
-    TEXT_ENCODER_FILE,
-    every_text_case,
-    export_metadata,
-    image_batches,
-    onnx_session,
-    text_batches,
-)
+from component.onnx_export import IMAGE_ENCODER_FILE, METADATA_FILE, TEXT_ENCODER_FILE, export_metadata
+from component.onnx_parity import every_text_case, image_batches, onnx_session, text_batches
 from component.processor import ImageTransform, load_processor, tokenize
 
 BATCH_SIZES = (1, 3, 64)
@@ -196,7 +188,7 @@ def test_out_of_tolerance_exits_1_and_leaves_the_earlier_export(
 
     monkeypatch.setattr(onnx_export, "export_text_encoder", reuse_graph)
     monkeypatch.setattr(onnx_export, "export_image_encoder", reuse_graph)
-    monkeypatch.setattr(onnx_export, "FLOAT32_MAX_ABS_DIFF", -1.0)  # nothing can pass
+    monkeypatch.setattr(onnx_parity, "FLOAT32_MAX_ABS_DIFF", -1.0)  # nothing can pass
     with pytest.raises(SystemExit) as exit_info:
         export_onnx.main(["--model_name_or_path", str(short_checkpoint), "--output", str(output)])
     assert exit_info.value.code == 1
