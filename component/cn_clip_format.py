@@ -128,7 +128,7 @@ def read_cn_clip_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
+        raise CheckpointError(f"{path}: {'not a file' if path.exists() else 'no such file'}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a pickle of arbitrary objects, a zip of something else, a text file

@@ -28,6 +28,7 @@ from component.cn_clip_convert import (
     CN_CLIP_IMAGE_STD,
     SHIPPED_TEXT_CONFIGS,
     SHIPPED_VISION_CONFIGS,
+    cn_clip_processor,
 )
 from component.cn_clip_format import CnClipArchitecture, infer_architecture
 from component.cn_clip_metrics import cn_clip_retrieval_metrics
@@ -184,9 +185,7 @@ def test_processor_resizes_to_a_square_without_crop_as_cn_clip(converted):
     assert (processor(images=[image], return_tensors="pt").pixel_values[0] - expected).abs().max() < 1e-5
 
 
-def test_default_vocabulary_tokenizes_as_cn_clip(cn_clip, tmp_path):
-    from component.cn_clip_convert import cn_clip_processor
-
+def test_default_vocabulary_tokenizes_as_cn_clip(cn_clip):
     processor = cn_clip_processor(cn_clip_format.default_vocab_file(), 224, 512)
     texts = ["一只可爱的猫 in the Garden", "2023年，北京！", "ＡＢＣ全角字母"]
     ids = processor.tokenizer(texts, padding="max_length", max_length=52, return_tensors="pt").input_ids
