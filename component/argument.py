@@ -4,6 +4,7 @@ Command-line `--key value` pairs override the file, with the same checks. Keys t
 used (no_cuda, warmup_ratio, evaluation_strategy, ...) are read under their new names with a warning.
 """
 
+import codecs
 import difflib
 import os
 import typing
@@ -82,11 +83,22 @@ class DataArguments:
             "help": "Decode large JPEGs at reduced size (PIL draft mode); much faster, nearly identical."
         },
     )
+    csv_encoding: str | None = field(
+        default=None,
+        metadata={"help": "Encoding of train_file and test_file (e.g. gbk); default: UTF-8, else GB18030."},
+    )
 
     def __post_init__(self):
         for name in ("train_file", "image_path"):
             if not getattr(self, name):
                 raise ArgumentError(f"{name} is required")
+        if self.csv_encoding is not None:
+            try:
+                codecs.lookup(self.csv_encoding)
+            except LookupError:
+                raise ArgumentError(
+                    f"csv_encoding: unknown encoding {self.csv_encoding!r} (try utf-8 or gb18030)"
+                ) from None
         if self.max_seq_length < 2:
             raise ArgumentError(f"max_seq_length must be at least 2, got {self.max_seq_length}")
         if not 0 <= self.max_bad_image_fraction <= 1:

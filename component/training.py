@@ -87,11 +87,11 @@ def build_model_and_processor(model_args: ModelArguments):
 
 def build_datasets(data_args: DataArguments, transform: ImageTransform):
     """Training and (optional) test datasets over the CSV rows."""
-    train_rows = read_image_text_csv(data_args.train_file)
+    train_rows = read_image_text_csv(data_args.train_file, data_args.csv_encoding)
     train = ImageTextDataset(train_rows, data_args.image_path, transform, draft=data_args.draft_decode)
     test = None
     if data_args.test_file:
-        test_rows = read_image_text_csv(data_args.test_file)
+        test_rows = read_image_text_csv(data_args.test_file, data_args.csv_encoding)
         test = ImageTextDataset(test_rows, data_args.image_path, transform, draft=data_args.draft_decode)
     logger.info(f"{len(train)} training rows" + (f", {len(test)} test rows" if test else ""))
     return train, test

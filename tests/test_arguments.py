@@ -233,7 +233,9 @@ def test_command_line_overrides_the_file(data_dir, monkeypatch):
     import component.training
 
     seen = {}
-    monkeypatch.setattr(component.training, "run_training", lambda *arguments: seen.update(args=arguments))
+    monkeypatch.setattr(
+        component.training, "run_training", lambda *arguments, **options: seen.update(args=arguments)
+    )
     path = write_json(data_dir / "a.json", base_values(learning_rate=1e-3))
     train_clip.main(["--train_args_file", str(path), "--learning_rate", "1e-4", "--output_dir=x",
                      "--freeze_vision_model", "no", "--max_steps", "-1", "--use_cpu"])  # fmt: skip
@@ -303,3 +305,11 @@ def test_batch_of_one_per_process_is_fine_across_processes(monkeypatch):
         arg_checks.check_training_length("a.json", run)
     long_run = types.SimpleNamespace(max_steps=5, num_train_epochs=0, per_device_train_batch_size=2)
     arg_checks.check_training_length("a.json", long_run)  # max_steps decides; epochs are not read
+
+
+def test_csv_encoding_is_checked_and_reaches_the_reader(data_dir, capsys):
+    arguments = parse_train_args(str(write_json(data_dir / "a.json", base_values(csv_encoding="gbk"))))
+    assert arguments[1].csv_encoding == "gbk"
+    message = refusal(capsys, "--train_args_file", str(write_json(data_dir / "b.json", base_values())),
+                      "--csv_encoding", "klingon")  # fmt: skip
+    assert "csv_encoding: unknown encoding 'klingon'" in message
