@@ -184,7 +184,8 @@ class CnClipExport:
                 f"{self.vision_model_name} --text-model {self.text_model_name})")  # fmt: skip
 
 
-def _shipped_name(config: dict, shipped: dict[str, dict]) -> str | None:
+def shipped_config_name(config: dict, shipped: dict[str, dict]) -> str | None:
+    """The name of the cn_clip model config `config` (a half of `CnClipArchitecture`) matches, if any."""
     return next(
         (name for name, known in shipped.items() if all(config[k] == v for k, v in known.items())), None
     )
@@ -204,8 +205,8 @@ def to_cn_clip(model_dir: str | Path, output: str | Path) -> CnClipExport:
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     vision_config, text_config = architecture.vision_config_json(), architecture.text_config_json()
-    vision_name = _shipped_name(vision_config, SHIPPED_VISION_CONFIGS) or f"{output.stem}-ViT"
-    text_name = _shipped_name(text_config, SHIPPED_TEXT_CONFIGS) or f"{output.stem}-BERT"
+    vision_name = shipped_config_name(vision_config, SHIPPED_VISION_CONFIGS) or f"{output.stem}-ViT"
+    text_name = shipped_config_name(text_config, SHIPPED_TEXT_CONFIGS) or f"{output.stem}-BERT"
     config_files = []
     for name, config, shipped in ((vision_name, vision_config, SHIPPED_VISION_CONFIGS),
                                   (text_name, text_config, SHIPPED_TEXT_CONFIGS)):  # fmt: skip
