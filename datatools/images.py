@@ -12,6 +12,7 @@ It states each policy once:
 Torch-free, so that the data tools stay quick to start.
 """
 
+import functools
 import os
 import stat
 from collections.abc import Callable
@@ -26,6 +27,8 @@ WHITE = (255, 255, 255)
 Size = tuple[int, int]  # (width, height)
 # A JPEG's draft target: a size, or a function of the stored size that gives one.
 DraftSize = Size | Callable[[Size], Size] | None
+# Decoded by running Ghostscript on the file, whatever its name says: never opened.
+_INTERPRETED_FORMATS = frozenset({"EPS"})
 _SIXTEEN_BIT_GREY = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 
 
@@ -101,10 +104,17 @@ def open_image(
     return image
 
 
+@functools.cache
+def _image_formats() -> tuple[str, ...]:
+    """Every format Pillow reads except those it hands to an outside interpreter (Ghostscript)."""
+    Image.init()
+    return tuple(name for name in Image.ID if name not in _INTERPRETED_FORMATS)
+
+
 def _identify(file: IO[bytes]) -> Image.Image:
     """Pillow's lazy open, its errors mapped to reasons."""
     try:
-        return Image.open(file)
+        return Image.open(file, formats=_image_formats())
     except Image.DecompressionBombError as error:  # over twice Pillow's global limit
         raise RejectedError("decompression_bomb", str(error)) from None
     except UnidentifiedImageError:

@@ -83,3 +83,10 @@ def test_files_are_closed_after_loading_and_after_refusals(tmp_path):
         with pytest.raises(RejectedError, match="not_an_image"):
             load_rgb(tmp_path / "bad.png")
     assert len(os.listdir("/proc/self/fd")) <= before + 1
+
+
+def test_postscript_is_never_handed_to_ghostscript(tmp_path):
+    # Pillow would run Ghostscript on an EPS file to decode it, even one named .jpg
+    (tmp_path / "photo.jpg").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
+    with pytest.raises(RejectedError, match="not_an_image"):
+        open_image(tmp_path / "photo.jpg")
