@@ -65,6 +65,7 @@ def run(args: argparse.Namespace) -> None:
     check_opset(args.opset)
     check_output(args.output)  # before the minutes spent loading and exporting
     model, processor = load_model_and_processor(args.model_name_or_path, pick_device(args.device))
+    model = model.float()  # a checkpoint saved in bf16 loads as bf16; the graphs take float32 inputs
     export_onnx(model, processor, args.output, opset=args.opset, float16=args.fp16)
     print(f"wrote the ONNX export to {args.output}")
 

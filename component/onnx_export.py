@@ -283,6 +283,7 @@ def export_onnx(
     """Export both encoders, the processor and onnx_export.json to `output`, after checking parity.
 
     Args:
+        model: a float32 model (`--fp16` converts the exported graphs, not the model).
         text_cases: (batch_size, length) pairs to check the text encoder on; default
             `sampled_text_cases(max_position_embeddings)`.
         report: called with each progress line.
