@@ -16,8 +16,8 @@ In every direction the converted model gives the same logits as the original.
 import argparse
 from pathlib import Path
 
-from component.cn_clip_convert import from_chinese_clip, from_cn_clip, to_chinese_clip_dir, to_cn_clip
-from component.cn_clip_format import TEXT_HEAD_WIDTH
+from component.formats.cn_clip import TEXT_HEAD_WIDTH
+from component.formats.cn_clip_convert import from_chinese_clip, from_cn_clip, to_chinese_clip_dir, to_cn_clip
 from datatools.errors import report_user_errors
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from component.cli import pick_device
 from component.encoding import load_model_and_processor
-from component.onnx_export import MIN_OPSET, check_opset, check_output, export_onnx, require_onnx
+from component.formats.onnx_export import MIN_OPSET, check_opset, check_output, export_onnx, require_onnx
 from datatools.errors import report_user_errors
 
 

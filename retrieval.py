@@ -18,12 +18,12 @@ import sys
 from pathlib import Path
 
 from component.cli import pick_device, positive_int
-from component.encoding import InputError
-from component.retrieval import RetrievalIndex, SearchResult, results_document
-from component.retrieval_images import images_in_csv, images_in_directory
-from component.retrieval_server import serve
-from component.retrieval_store import EMBEDDING_DTYPES
-from component.retrieval_vectors import INDEX_TYPES
+from component.errors import InputError
+from component.retrieval.images import images_in_csv, images_in_directory
+from component.retrieval.index import RetrievalIndex, SearchResult, results_document
+from component.retrieval.server import serve
+from component.retrieval.store import EMBEDDING_DTYPES
+from component.retrieval.vectors import INDEX_TYPES
 from datatools.errors import report_user_errors
 
 

@@ -17,7 +17,7 @@ import os
 import shlex
 import sys
 
-from component.argument import command_line_overrides, describe_arguments, parse_train_args
+from component.training.arguments import command_line_overrides, describe_arguments, parse_train_args
 from datatools.errors import report_user_errors
 
 
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # what the user must fix is one line (exit 2, or 1 on bad data); anything else keeps its traceback
     arguments = report_user_errors(parse)
-    from component.training import run_training  # heavy imports after the arguments are read
+    from component.training.run import run_training  # heavy imports after the arguments are read
 
     # named when Ctrl-C stops the run; torchrun's own command line is unknown here ("the same command")
     words = sys.argv[1:] if argv is None else argv

@@ -23,8 +23,8 @@ from transformers import (
     VisionTextDualEncoderProcessor,
 )
 
-from component.dataset import read_image_text_csv
-from component.freezing import lock_vision_tower
+from component.training.dataset import read_image_text_csv
+from component.training.freezing import lock_vision_tower
 
 
 class PerItemProcessorDataset(Dataset):

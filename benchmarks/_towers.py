@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from transformers import BertConfig, BertModel, CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
-from component.tiny import write_chinese_tokenizer
+from component.testing.tiny import write_chinese_tokenizer
 
 # Dense bf16 tensor-core peaks in FLOP/s; the first name found in the device name is used.
 PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}

@@ -33,10 +33,10 @@ from transformers import CLIPImageProcessorPil
 from benchmarks._machine import load_average, machine
 from benchmarks._photos import PHOTO_ROOT, benchmark_photos, photo_summary, write_image_text_csv
 from benchmarks._run_clip import PerItemProcessorDataset, run_clip_dataset, run_clip_processor
-from component.collator import ImageTextCollator
-from component.dataset import ImageTextDataset, read_image_text_csv
 from component.processor import ImageTransform, build_processor
-from component.tiny import write_chinese_tokenizer
+from component.testing.tiny import write_chinese_tokenizer
+from component.training.collator import ImageTextCollator
+from component.training.dataset import ImageTextDataset, read_image_text_csv
 
 
 def write_processor_sources(directory: Path, image_size: int) -> tuple[Path, Path]:

@@ -32,7 +32,7 @@ TEXT_LENGTH = 32
 def build_model(directory: Path, towers: Towers):
     """A random BertCLIP model of `towers`' sizes, in eval mode on the CPU."""
     from component.model import BertCLIPModel
-    from component.tiny import write_bert_clip
+    from component.testing.tiny import write_bert_clip
 
     clip_dir, bert_dir = write_towers(directory, towers)
     return BertCLIPModel.from_pretrained(write_bert_clip(directory / "model", clip_dir, bert_dir)).eval()
@@ -65,8 +65,8 @@ def time_onnx(session, inputs: dict[str, torch.Tensor], repeats: int, warmup: in
 
 def float16_cosine(encoder, path: Path, inputs: dict[str, torch.Tensor]) -> float:
     """Min cosine of the float16 graph's embeddings with PyTorch's float32 ones."""
-    from component.onnx_export import convert_to_float16
-    from component.onnx_parity import onnx_session
+    from component.formats.onnx_export import convert_to_float16
+    from component.formats.onnx_parity import onnx_session
 
     convert_to_float16(path)
     outputs = onnx_session(path).run(None, {name: tensor.numpy() for name, tensor in inputs.items()})
@@ -125,8 +125,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     """Build the model, export and time both encoders, print and return the figures."""
-    from component.onnx_export import ImageEncoder, TextEncoder, export_image_encoder, export_text_encoder
-    from component.onnx_parity import image_batches, text_batches
+    from component.formats.onnx_export import (
+        ImageEncoder,
+        TextEncoder,
+        export_image_encoder,
+        export_text_encoder,
+    )
+    from component.formats.onnx_parity import image_batches, text_batches
 
     args = parse_args(argv)
     towers = QUICK_TOWERS if args.quick else VIT_B16_BERT_BASE

@@ -39,7 +39,12 @@ def write_model(directory: Path, quick: bool) -> Path:
     import torch
     from transformers import BertConfig, BertModel, CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
-    from component.tiny import write_bert_clip, write_chinese_tokenizer, write_tiny_bert, write_tiny_clip
+    from component.testing.tiny import (
+        write_bert_clip,
+        write_chinese_tokenizer,
+        write_tiny_bert,
+        write_tiny_clip,
+    )
 
     if (directory / "model" / "config.json").is_file():
         return directory / "model"
@@ -90,8 +95,8 @@ def measure_indexing(model_path: Path, photos: Path, output: Path, device: str, 
     import shutil
 
     from component.encoding import load_model_and_processor
-    from component.retrieval import RetrievalIndex, model_fingerprint
-    from component.retrieval_images import images_in_directory
+    from component.retrieval.images import images_in_directory
+    from component.retrieval.index import RetrievalIndex, model_fingerprint
 
     source = images_in_directory(photos)
     warm_up = images_in_directory(photos)
@@ -158,8 +163,8 @@ def write_synthetic_index(directory: Path, count: int, dim: int, index_type: str
     seconds it took to build the faiss index. Reused when it already exists."""
     import pandas as pd
 
-    from component.retrieval import write_data_files
-    from component.retrieval_store import IndexInfo, read_info, write_info
+    from component.retrieval.index import write_data_files
+    from component.retrieval.store import IndexInfo, read_info, write_info
 
     if read_info(directory) is not None:
         return {"build_seconds": read_info(directory).last_run.get("build_seconds")}
@@ -194,7 +199,7 @@ def measure_queries(directory: Path, queries: Path, faiss_threads: int = 0) -> d
     """
     import faiss
 
-    from component.retrieval import RetrievalIndex
+    from component.retrieval.index import RetrievalIndex
 
     if faiss_threads:
         faiss.omp_set_num_threads(faiss_threads)

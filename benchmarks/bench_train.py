@@ -14,7 +14,7 @@ It prints one JSON object with a key for each part:
   LiT with cached image features, LiT, and full training: samples/s, peak memory and
   model-FLOPs utilisation. Without a CUDA device it is skipped with a note.
 
-"This project" is `component.training.run_training` on an arg file written here. samples/s
+"This project" is `component.training.run.run_training` on an arg file written here. samples/s
 counts the optimizer steps after a warm-up. The CPU parts run on the CPU even beside a GPU.
 """
 
@@ -46,8 +46,8 @@ from benchmarks._towers import (
     training_flops_per_sample,
     write_towers,
 )
-from component.argument import parse_train_args
-from component.training import run_training
+from component.training.arguments import parse_train_args
+from component.training.run import run_training
 
 MAX_SEQ_LENGTH = 64
 LIT_EPOCHS = 5

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import torch
 
-from component.encoding import InputError, default_device
+from component.encoding import default_device
+from component.errors import InputError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 

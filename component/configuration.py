@@ -9,7 +9,7 @@ TEXT_POOLINGS = ("cls", "pooler")
 
 
 class BertCLIPConfig(PreTrainedConfig):
-    """Architecture of a BertCLIP model; training choices live in `component.argument`.
+    """Architecture of a BertCLIP model; training choices live in `component.training.arguments`.
 
     Args:
         text_config: a `BertConfig` or its dict.

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
+from component.errors import InputError
 from component.model import BertCLIPModel
 from component.processor import ImageTransform, check_tokenizer_fits, load_processor, tokenize
-from datatools.errors import UserError
 from datatools.images import RejectedError
 
 ImageInput = str | Path | Image.Image
@@ -41,10 +41,6 @@ ZERO_SHOT_TEMPLATES: tuple[str, ...] = (
 )
 
 _IMAGE_LOADING_THREADS = 8
-
-
-class InputError(UserError, ValueError):
-    """An input the user must fix (a missing or unreadable file, an empty list); the message names it."""
 
 
 def default_device() -> torch.device:

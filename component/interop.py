@@ -18,7 +18,8 @@ from transformers import (
 from transformers.utils import logging
 
 from component.configuration import BertCLIPConfig
-from datatools.errors import UserError
+from component.errors import CheckpointError
+from component.processor import IMAGE_PROCESSOR_FILES, load_image_processor, load_processor, load_tokenizer
 
 logger = logging.get_logger(__name__)
 
@@ -27,10 +28,6 @@ _CLASS_KEYS = ("model_type", "architectures", "_name_or_path", "transformers_ver
 # What a CLIP-style image processor does to an image; ChineseCLIPImageProcessor takes the same.
 _IMAGE_SETTINGS = ("do_convert_rgb", "do_resize", "size", "resample", "do_center_crop", "crop_size",
                    "do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std")  # fmt: skip
-
-
-class CheckpointError(UserError, ValueError):
-    """A checkpoint directory that cannot be loaded; the message names the file and the fix."""
 
 
 def read_config_dict(path: str | Path) -> tuple[dict, str]:
@@ -250,7 +247,6 @@ def _source_directory(model) -> Path | None:
 
 
 def _tokenizer_beside(model):
-    from component.processor import load_tokenizer
 
     source = _source_directory(model)
     if source and any((source / name).is_file() for name in ("tokenizer.json", "vocab.txt")):
@@ -259,7 +255,6 @@ def _tokenizer_beside(model):
 
 
 def _image_processor_beside(model):
-    from component.processor import IMAGE_PROCESSOR_FILES, load_image_processor
 
     source = _source_directory(model)
     if source and any((source / name).is_file() for name in IMAGE_PROCESSOR_FILES):
@@ -268,7 +263,6 @@ def _image_processor_beside(model):
 
 
 def _processor_beside(model):
-    from component.processor import IMAGE_PROCESSOR_FILES, load_processor
 
     source = _source_directory(model)
     if source and any((source / name).is_file() for name in IMAGE_PROCESSOR_FILES):

@@ -17,7 +17,7 @@ from transformers import (
 )
 from transformers.image_processing_base import ImageProcessingMixin
 
-from component.interop import CheckpointError
+from component.errors import CheckpointError
 from datatools.images import MAX_PIXELS, load_rgb
 
 

@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     import torch
 
-    from component.demo import make_demo
+    from component.testing.demo import make_demo
 
     torch.manual_seed(options.seed)
     directory = make_demo(options.output, options.train_size, options.seed)

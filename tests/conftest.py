@@ -10,9 +10,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from component.demo import all_combinations, write_split
 from component.model import BertCLIPModel
-from component.tiny import write_bert_clip, write_tiny_bert, write_tiny_clip
+from component.testing.demo import all_combinations, write_split
+from component.testing.tiny import write_bert_clip, write_tiny_bert, write_tiny_clip
 
 
 @pytest.fixture(scope="session")

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 import train_clip
-from component import arg_checks
-from component.arg_values import ArgumentError, convert_text
-from component.argument import command_line_overrides, field_annotations, parse_train_args
 from component.model import BertCLIPModel
+from component.training import arg_checks
+from component.training.arg_values import ArgumentError, convert_text
+from component.training.arguments import command_line_overrides, field_annotations, parse_train_args
 
 # train_args/train_clip.json of the original CLIP-Chinese project (transformers 4.x), paths as shipped
 ORIGINAL_CLIP_CHINESE = """{
@@ -230,11 +230,11 @@ def test_report_to_without_its_package_says_what_to_install(data_dir, capsys, mo
 
 
 def test_command_line_overrides_the_file(data_dir, monkeypatch):
-    import component.training
+    import component.training.run
 
     seen = {}
     monkeypatch.setattr(
-        component.training, "run_training", lambda *arguments, **options: seen.update(args=arguments)
+        component.training.run, "run_training", lambda *arguments, **options: seen.update(args=arguments)
     )
     path = write_json(data_dir / "a.json", base_values(learning_rate=1e-3))
     train_clip.main(["--train_args_file", str(path), "--learning_rate", "1e-4", "--output_dir=x",

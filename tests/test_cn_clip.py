@@ -22,8 +22,11 @@ from PIL import Image
 from transformers import ChineseCLIPModel
 
 import convert_checkpoint
-from component import cn_clip_format
-from component.cn_clip_convert import (
+from component.encoding import load_model_and_processor
+from component.evaluation.cn_clip_protocol import cn_clip_retrieval_metrics
+from component.formats import cn_clip as cn_clip_format
+from component.formats.cn_clip import CnClipArchitecture, infer_architecture
+from component.formats.cn_clip_convert import (
     CN_CLIP_IMAGE_MEAN,
     CN_CLIP_IMAGE_STD,
     SHIPPED_TEXT_CONFIGS,
@@ -31,9 +34,6 @@ from component.cn_clip_convert import (
     cn_clip_processor,
     shipped_config_name,
 )
-from component.cn_clip_format import CnClipArchitecture, infer_architecture
-from component.cn_clip_metrics import cn_clip_retrieval_metrics
-from component.encoding import load_model_and_processor
 from component.model import BertCLIPModel
 from component.processor import load_processor, preprocess_images
 

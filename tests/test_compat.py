@@ -25,7 +25,7 @@ from component.encoding import class_embeddings, encode_images, prompts, similar
 from component.interop import CheckpointError
 from component.model import BertCLIPModel
 from component.processor import build_processor, load_processor
-from component.training import build_model_and_processor
+from component.training.run import build_model_and_processor
 
 TEXTS = ["一只猫", "两只狗在草地上奔跑", "红色的圆形"]
 TOLERANCE = 1e-5

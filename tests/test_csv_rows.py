@@ -10,7 +10,7 @@ import pytest
 
 import download_image
 import filter_data
-from component.dataset import DataError, StringColumn, read_image_text_csv
+from component.training.dataset import DataError, StringColumn, read_image_text_csv
 from datatools.csv_rows import MAX_RECORD_LINES, CsvTable, InputError
 
 CAPTIONS = [f"第{index}张图片：一只猫" for index in range(1, 11)]

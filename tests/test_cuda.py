@@ -10,12 +10,12 @@ import torch
 from _runs import tiny_run_args, write_args
 from transformers import TrainerCallback
 
-from component.argument import parse_train_args
-from component.dataset import ImageTextDataset, read_image_text_csv
-from component.feature_cache import compute_image_features
 from component.model import BertCLIPModel
 from component.processor import ImageTransform, load_processor
-from component.training import run_training
+from component.training.arguments import parse_train_args
+from component.training.dataset import ImageTextDataset, read_image_text_csv
+from component.training.feature_cache import compute_image_features
+from component.training.run import run_training
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -19,7 +19,7 @@ from transformers import (
 from component.interop import CheckpointError
 from component.model import BertCLIPModel
 from component.processor import check_tokenizer_fits, load_processor
-from component.tiny import tiny_bert_config
+from component.testing.tiny import tiny_bert_config
 
 TEXTS = ["一只猫", "两只狗在草地上奔跑", "红色的圆形"]
 TOLERANCE = 1e-5

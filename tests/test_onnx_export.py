@@ -16,11 +16,16 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 import export_onnx
-from component import onnx_export, onnx_parity
 from component.encoding import encode_images, encode_texts, image_array, load_model_and_processor
+from component.formats import onnx_export, onnx_parity
+from component.formats.onnx_export import (
+    IMAGE_ENCODER_FILE,
+    METADATA_FILE,
+    TEXT_ENCODER_FILE,
+    export_metadata,
+)
+from component.formats.onnx_parity import every_text_case, image_batches, onnx_session, text_batches
 from component.model import BertCLIPModel
-from component.onnx_export import IMAGE_ENCODER_FILE, METADATA_FILE, TEXT_ENCODER_FILE, export_metadata
-from component.onnx_parity import every_text_case, image_batches, onnx_session, text_batches
 from component.processor import ImageTransform, load_processor, tokenize
 
 BATCH_SIZES = (1, 3, 64)

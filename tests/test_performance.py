@@ -11,13 +11,13 @@ from PIL import Image
 from transformers import TrainerCallback
 
 import train_clip
-from component.argument import parse_train_args
-from component.dataset import ImageTextDataset, read_image_text_csv
-from component.feature_cache import CachedImageTextDataset, Shard, load_or_build_cache
-from component.grad_cache import gradient_cached_backward, split_batch
 from component.model import BertCLIPModel
 from component.processor import ImageTransform, load_processor
-from component.training import run_training
+from component.training.arguments import parse_train_args
+from component.training.dataset import ImageTextDataset, read_image_text_csv
+from component.training.feature_cache import CachedImageTextDataset, Shard, load_or_build_cache
+from component.training.grad_cache import gradient_cached_backward, split_batch
+from component.training.run import run_training
 
 
 def no_dropout_model(checkpoint) -> BertCLIPModel:
@@ -214,7 +214,7 @@ def test_a_part_computed_before_an_interruption_is_not_computed_again(
 ):
     dataset = shapes_dataset(tiny_checkpoint, shapes)
     single = Shard(0, 1)
-    import component.feature_cache as feature_cache
+    import component.training.feature_cache as feature_cache
 
     computed = []
     original = feature_cache.compute_image_features

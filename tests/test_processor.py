@@ -6,8 +6,8 @@ import torch
 from PIL import Image
 from transformers import CLIPImageProcessorPil
 
-from component.collator import ImageTextCollator
 from component.processor import ImageTransform, load_processor, preprocess_images
+from component.training.collator import ImageTextCollator
 from datatools.images import RejectedError
 
 

@@ -25,14 +25,18 @@ from PIL import Image, ImageFile
 
 import retrieval
 from benchmarks import bench_retrieval
-from component import retrieval as retrieval_component
-from component import retrieval_images, retrieval_served_images, retrieval_server, retrieval_store
 from component.cli import list_images
-from component.encoding import InputError, encode_images, encode_texts, load_model_and_processor
-from component.retrieval import RetrievalIndex
-from component.retrieval_server import RetrievalServer, ServedIndex
-from component.retrieval_store import LOCK_FILE, index_lock, read_info
-from component.tiny import write_bert_clip
+from component.encoding import encode_images, encode_texts, load_model_and_processor
+from component.errors import InputError
+from component.retrieval import images as retrieval_images
+from component.retrieval import index as retrieval_component
+from component.retrieval import served_images as retrieval_served_images
+from component.retrieval import server as retrieval_server
+from component.retrieval import store as retrieval_store
+from component.retrieval.index import RetrievalIndex
+from component.retrieval.server import RetrievalServer, ServedIndex
+from component.retrieval.store import LOCK_FILE, index_lock, read_info
+from component.testing.tiny import write_bert_clip
 from datatools.atomic import write_json_atomic
 
 QUERIES = ["一只猫", "红色的汽车停在路边", "蓝天白云"]

@@ -12,9 +12,9 @@ import pytest
 from test_retrieval import IMAGE_NAMES, draw_images
 
 import retrieval
-from component.retrieval import RetrievalIndex
-from component.retrieval_images import images_in_directory
-from component.retrieval_server import DEFAULT_TOP_K, RetrievalServer
+from component.retrieval.images import images_in_directory
+from component.retrieval.index import RetrievalIndex
+from component.retrieval.server import DEFAULT_TOP_K, RetrievalServer
 
 sync_api = pytest.importorskip(
     "playwright.sync_api",

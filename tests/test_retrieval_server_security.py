@@ -19,12 +19,12 @@ import pytest
 from PIL import Image
 from test_retrieval import draw_images
 
-from component import retrieval_server
-from component.encoding import InputError
-from component.retrieval import RetrievalIndex
-from component.retrieval_images import images_in_csv
-from component.retrieval_server import RetrievalServer
-from component.retrieval_web import ThumbnailCache, allowed_host_names, host_name, host_refusal
+from component.errors import InputError
+from component.retrieval import server as retrieval_server
+from component.retrieval.images import images_in_csv
+from component.retrieval.index import RetrievalIndex
+from component.retrieval.server import RetrievalServer
+from component.retrieval.web import ThumbnailCache, allowed_host_names, host_name, host_refusal
 
 IMAGE_NAMES = ["a.png", "b.jpg", "c.png", "d.jpg", "e.png", "f.png"]
 SCRIPT = b"<html><script>alert(document.domain)</script></html>"

@@ -20,16 +20,16 @@ from safetensors.torch import load_file
 from transformers import AutoProcessor, TrainerCallback
 
 import train_clip
-from component.argument import ArgumentError, parse_train_args
-from component.collator import ImageTextCollator
-from component.dataset import ImageTextDataset, StringColumn, read_image_text_csv
-from component.demo import all_combinations, write_split
-from component.freezing import apply_tower_locks, parameter_groups, unlock_vision_tower
-from component.metrics import retrieval_metrics
+from component.evaluation.metrics import retrieval_metrics
 from component.model import BertCLIPModel
 from component.processor import ImageTransform, load_processor
-from component.trainer import BadImageError, BadImageTracker, newest_complete_checkpoint
-from component.training import run_training
+from component.testing.demo import all_combinations, write_split
+from component.training.arguments import ArgumentError, parse_train_args
+from component.training.collator import ImageTextCollator
+from component.training.dataset import ImageTextDataset, StringColumn, read_image_text_csv
+from component.training.freezing import apply_tower_locks, parameter_groups, unlock_vision_tower
+from component.training.run import run_training
+from component.training.trainer import BadImageError, BadImageTracker, newest_complete_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -108,7 +108,7 @@ def test_gradient_caching_conflicts_are_refused(tmp_path, values, message):
 
 
 def test_one_process_driving_several_gpus_is_refused():
-    from component.training import check_one_process_per_gpu
+    from component.training.run import check_one_process_per_gpu
 
     with pytest.raises(ArgumentError, match="torchrun --nproc_per_node 2"):
         check_one_process_per_gpu(types.SimpleNamespace(n_gpu=2))
@@ -189,7 +189,7 @@ def trainable_names(model) -> set[str]:
 
 
 def test_lit_locks_exactly_the_image_side(tiny_model):
-    from component.argument import TowerArguments
+    from component.training.arguments import TowerArguments
 
     apply_tower_locks(tiny_model, TowerArguments())
     names = trainable_names(tiny_model)
@@ -205,7 +205,7 @@ def test_lit_locks_exactly_the_image_side(tiny_model):
 
 
 def test_unlock_reaches_the_optimizer(tiny_model):
-    from component.argument import TowerArguments
+    from component.training.arguments import TowerArguments
 
     apply_tower_locks(tiny_model, TowerArguments(unlock_vision_at="3"))
     groups = parameter_groups(tiny_model, 1e-3, 0.1, vision_learning_rate=2e-4, include_locked_vision=True)
@@ -300,7 +300,7 @@ class KillAtStep(TrainerCallback):
 
 
 def run_until_killed(args_path: Path, kill_step: int) -> None:
-    from component.training import run_training
+    from component.training.run import run_training
 
     run_training(*parse_train_args(args_path), extra_callbacks=(KillAtStep(kill_step),))
 
@@ -388,8 +388,8 @@ def test_two_processes_share_the_feature_cache_work(tiny_towers, shapes_data, tm
 def test_plateau_unlock_waits_for_patience(tiny_model):
     from transformers import TrainerState
 
-    from component.argument import TowerArguments
-    from component.trainer import VisionUnlockCallback
+    from component.training.arguments import TowerArguments
+    from component.training.trainer import VisionUnlockCallback
 
     apply_tower_locks(tiny_model, TowerArguments(unlock_vision_at="plateau"))
     callback = VisionUnlockCallback(plateau_patience=2)
@@ -414,7 +414,7 @@ def test_plateau_unlock_waits_for_patience(tiny_model):
 
 
 def test_logit_scale_is_clamped_after_each_step(tiny_model):
-    from component.trainer import LogitScaleClampCallback
+    from component.training.trainer import LogitScaleClampCallback
 
     with torch.no_grad():
         tiny_model.logit_scale.fill_(5.0)

@@ -12,18 +12,18 @@ import torch
 from _runs import tiny_run_args, write_args
 
 import train_clip
-from component.argument import ArgumentError
-from component.dataset import DataError, ImageTextDataset, read_image_text_csv
+from component.evaluation.metrics import trivial_recall_note
 from component.loss import contrastive_loss
-from component.metrics import trivial_recall_note
 from component.processor import ImageTransform, load_processor
-from component.run_checks import (
+from component.training.arguments import ArgumentError
+from component.training.dataset import DataError, ImageTextDataset, read_image_text_csv
+from component.training.run_checks import (
     avoid_lone_last_batch,
     check_data_sizes,
     check_drop_last_fits,
     check_max_seq_length,
 )
-from component.trainer import BadImageError, BadImageTracker
+from component.training.trainer import BadImageError, BadImageTracker
 
 
 def csv_with_missing_images(shapes: Path, split: str, good: int, missing: int, path: Path) -> Path:

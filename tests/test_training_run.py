@@ -19,10 +19,11 @@ from PIL import Image
 from transformers import TrainerCallback
 
 import train_clip
-from component.argument import parse_train_args
-from component.demo import all_combinations, write_split
 from component.encoding import load_model_and_processor
-from component.run_output import (
+from component.testing.demo import all_combinations, write_split
+from component.training.arguments import parse_train_args
+from component.training.run import run_training
+from component.training.run_output import (
     ARGS_FILE,
     FINISHED_MARKER,
     LOCK_FILE,
@@ -31,8 +32,7 @@ from component.run_output import (
     OutputDirError,
     output_dir_lock,
 )
-from component.trainer import CHECKPOINT_MARKER, newest_complete_checkpoint
-from component.training import run_training
+from component.training.trainer import CHECKPOINT_MARKER, newest_complete_checkpoint
 from datatools.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -161,7 +161,7 @@ def test_output_dir_that_is_a_file_is_one_line_before_the_model_loads(
     def no_model_yet(*args):
         raise AssertionError("the model loaded before output_dir was checked")
 
-    monkeypatch.setattr("component.training.build_model_and_processor", no_model_yet)
+    monkeypatch.setattr("component.training.run.build_model_and_processor", no_model_yet)
     (tmp_path / "out").write_text("not a directory")
     values = tiny_run_args(tiny_towers, shapes_data, tmp_path / "out")
     with pytest.raises(SystemExit) as exit_info:
@@ -234,21 +234,26 @@ def test_full_disk_at_the_final_save_leaves_no_partial_model(tiny_towers, shapes
 def test_ctrl_c_says_how_to_resume_and_exits_130(tiny_towers, shapes_data, tmp_path):
     args = run_args(tiny_towers, shapes_data, tmp_path, "run", max_steps=10_000, save_strategy="steps",
                     save_steps=2, test_file=None)  # fmt: skip
-    marker = tmp_path / "run" / "checkpoint-2" / CHECKPOINT_MARKER
+    run = tmp_path / "run"  # any complete checkpoint: save_total_limit may have rotated checkpoint-2 away
+    # stderr goes to a file, stdout nowhere: an unread pipe that fills up would stall the run
+    stderr = (tmp_path / "stderr.txt").open("w")
     process = subprocess.Popen(
         [sys.executable, str(REPO / "train_clip.py"), "--train_args_file", str(args)],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr, text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     deadline = time.monotonic() + 120
-    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+    while not any(run.glob(f"checkpoint-*/{CHECKPOINT_MARKER}")) and process.poll() is None \
+            and time.monotonic() < deadline:  # fmt: skip
         time.sleep(0.1)
     process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=60)
+    process.wait(timeout=60)
+    stderr.close()
+    err = (tmp_path / "stderr.txt").read_text()
     assert process.returncode == 130, err[-2000:]
     assert "Traceback" not in err
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("error: interrupted; newest complete checkpoint: ")
+    last = err.strip().splitlines()[-1].split("\r")[-1]  # after any progress bar cut short
+    assert "error: interrupted; newest complete checkpoint: " in last
     assert str(tmp_path / "run" / "checkpoint-") in last
     assert last.endswith(f"re-run `python train_clip.py --train_args_file {args}` to resume")
 
@@ -256,7 +261,7 @@ def test_ctrl_c_says_how_to_resume_and_exits_130(tiny_towers, shapes_data, tmp_p
 def test_a_failed_torch_save_on_a_full_disk_counts_as_disk_full(tmpfs):
     import torch
 
-    from component.run_output import is_disk_full
+    from component.training.run_output import is_disk_full
 
     with open(tmpfs / "filler", "wb") as file:
         os.posix_fallocate(file.fileno(), 0, shutil.disk_usage(tmpfs).free - 4096)

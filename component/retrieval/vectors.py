@@ -7,8 +7,8 @@ from typing import Literal
 import faiss
 import numpy as np
 
-from component.encoding import InputError
-from component.retrieval_store import ROWS_PER_CHUNK, IndexInfo, read_vectors, write_vectors
+from component.errors import InputError
+from component.retrieval.store import ROWS_PER_CHUNK, IndexInfo, read_vectors, write_vectors
 
 IndexType = Literal["exact", "approximate", "auto"]
 INDEX_TYPES: tuple[IndexType, ...] = ("exact", "approximate", "auto")

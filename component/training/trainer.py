@@ -10,11 +10,11 @@ from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from component.dataset import BadImageError
-from component.freezing import parameter_groups, unlock_vision_tower
-from component.grad_cache import gradient_cached_backward, split_batch
+from component.evaluation.metrics import retrieval_metrics, trivial_recall_note
 from component.loss import MAX_LOGIT_SCALE, world_size
-from component.metrics import retrieval_metrics, trivial_recall_note
+from component.training.dataset import BadImageError
+from component.training.freezing import parameter_groups, unlock_vision_tower
+from component.training.grad_cache import gradient_cached_backward, split_batch
 from datatools.atomic import write_json_atomic
 
 logger = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ import faiss
 import numpy as np
 import pandas as pd
 
-from component.encoding import InputError
+from component.errors import InputError
 from datatools.atomic import sync_path, write_json_atomic
 
 EmbeddingDtype = Literal["float16", "float32"]

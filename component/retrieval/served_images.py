@@ -13,8 +13,8 @@ from typing import BinaryIO
 
 from PIL import Image
 
-from component.encoding import InputError
-from component.retrieval_web import web_image_type
+from component.errors import InputError
+from component.retrieval.web import web_image_type
 from datatools.images import MAX_PIXELS, RejectedError, load_rgb, open_image, open_regular_file
 
 THUMBNAIL_SIDE = 256

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from component.dataset import BadImageError, ImageTextDataset, ImageTextRows, coprime_stride
+from component.training.dataset import BadImageError, ImageTextDataset, ImageTextRows, coprime_stride
 from datatools.atomic import atomic_file, write_json_atomic
 
 logger = logging.getLogger(__name__)

@@ -6,8 +6,8 @@ and names the numbers and what to change.
 
 import logging
 
-from component.argument import ArgumentError
-from component.dataset import DataError
+from component.training.arguments import ArgumentError
+from component.training.dataset import DataError
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from transformers import TrainerCallback, TrainingArguments
 
 from component.loss import world_size
-from component.trainer import newest_complete_checkpoint
+from component.training.trainer import newest_complete_checkpoint
 from datatools.atomic import sync_path, write_json_atomic
 from datatools.errors import UserError
 

@@ -13,7 +13,7 @@ import torch
 from transformers import BertTokenizerFast, CLIPImageProcessorPil, VisionTextDualEncoderProcessor
 from transformers.utils import logging
 
-from component.cn_clip_format import (
+from component.formats.cn_clip import (
     TEXT_FIXED,
     VISION_FIXED,
     CnClipArchitecture,

@@ -7,9 +7,9 @@
     GET  /image?path=F                 an indexed image file itself, typed by its content
 
 Only files that the index lists and that lie under its image root are served. The web policies
-(Host names, response types, security headers, the thumbnail cache) live in component.retrieval_web.
+(Host names, response types, security headers, the thumbnail cache) live in component.retrieval.web.
 Uploads and thumbnails are decoded a few at a time (IMAGES_DECODED_AT_ONCE), and those of too
-many pixels are refused before they are decoded (component.retrieval_served_images); thumbnails
+many pixels are refused before they are decoded (component.retrieval.served_images); thumbnails
 are cached. Each connection times out after `request_timeout` seconds without progress, and at
 most MAX_CONNECTIONS are served at once. A later index run into the same directory is picked up by
 the next request, without a restart.
@@ -25,15 +25,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from component.encoding import InputError
-from component.retrieval import RetrievalIndex, results_document
-from component.retrieval_served_images import (
+from component.errors import InputError
+from component.retrieval.index import RetrievalIndex, results_document
+from component.retrieval.served_images import (
     make_thumbnail,
     open_served_image,
     read_uploaded_image,
 )
-from component.retrieval_store import read_info_stamp
-from component.retrieval_web import (
+from component.retrieval.store import read_info_stamp
+from component.retrieval.web import (
     LOOPBACK_HOSTS,
     ThumbnailCache,
     add_nonce,
@@ -53,7 +53,7 @@ THUMBNAIL_CACHE_BYTES = 32 * 1024 * 1024  # some 2,000 thumbnails
 REQUEST_TIMEOUT = 30.0  # seconds a connection may wait for the client
 MAX_CONNECTIONS = 64  # connections served at once, each in a thread; more get 503
 SEND_CHUNK_BYTES = 1024 * 1024
-PAGE_FILE = Path(__file__).with_name("retrieval_page.html")
+PAGE_FILE = Path(__file__).with_name("page.html")
 
 
 @cache

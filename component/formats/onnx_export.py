@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from component.encoding import InputError, model_device
-from component.model import BertCLIPModel
-from component.onnx_parity import (
+from component.encoding import model_device
+from component.errors import InputError
+from component.formats.onnx_parity import (
     Parity,
     compare,
     image_batches,
@@ -42,6 +42,7 @@ from component.onnx_parity import (
     sampled_text_cases,
     text_batches,
 )
+from component.model import BertCLIPModel
 from datatools.errors import UserError
 
 TEXT_ENCODER_FILE = "text_encoder.onnx"

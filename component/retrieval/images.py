@@ -10,10 +10,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from component.cli import list_images
-from component.dataset import read_image_text_csv
-from component.encoding import InputError, encode_images
+from component.encoding import encode_images
+from component.errors import InputError
 from component.processor import ImageTransform
-from component.retrieval_store import EmbeddingDtype
+from component.retrieval.store import EmbeddingDtype
+from component.training.dataset import read_image_text_csv
 
 _LOADING_THREADS = 8
 

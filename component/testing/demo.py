@@ -6,7 +6,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from component.tiny import write_tiny_bert, write_tiny_clip
+from component.testing.tiny import write_tiny_bert, write_tiny_clip
 
 COLORS = {"红色": (220, 40, 40), "绿色": (40, 170, 60), "蓝色": (40, 80, 220),
           "黄色": (235, 200, 30), "紫色": (140, 60, 180), "黑色": (20, 20, 20)}  # fmt: skip

@@ -47,7 +47,8 @@ def towers_section(record: dict, model_config) -> list[str]:
 def model_card(record: dict, model_config, row_counts: dict[str, int], metrics: dict, world_size: int) -> str:
     """The README.md text.
 
-    record: the arguments record (component.run_output.arguments_record); row_counts: data file -> rows.
+    record: the arguments record (component.training.run_output.arguments_record);
+    row_counts: data file -> rows.
     """
     training = record["training"]
     toolkit = [(f"{group}.{key}", f"`{value!r}`") for group in ("model", "data", "tower")

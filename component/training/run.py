@@ -10,17 +10,18 @@ import torch
 import torch.distributed as dist
 from transformers import TrainingArguments, set_seed
 
-from component.argument import ArgumentError, DataArguments, ModelArguments, TowerArguments
-from component.collator import ImageTextCollator
-from component.dataset import ImageTextDataset, read_image_text_csv
-from component.feature_cache import CachedImageTextDataset, Shard, load_or_build_cache
-from component.freezing import apply_tower_locks
 from component.loss import world_size
 from component.model import BertCLIPModel
-from component.model_card import model_card, write_model_card
 from component.processor import ImageTransform, build_processor, check_tokenizer_fits, load_processor
-from component.run_checks import check_data_sizes, check_max_seq_length
-from component.run_output import (
+from component.training.arguments import ArgumentError, DataArguments, ModelArguments, TowerArguments
+from component.training.collator import ImageTextCollator
+from component.training.dataset import ImageTextDataset, read_image_text_csv
+from component.training.feature_cache import CachedImageTextDataset, Shard, load_or_build_cache
+from component.training.freezing import apply_tower_locks
+from component.training.model_card import model_card, write_model_card
+from component.training.plot import write_training_plot
+from component.training.run_checks import check_data_sizes, check_max_seq_length
+from component.training.run_output import (
     ARGS_FILE,
     ArgumentsRecordCallback,
     RunInterrupted,
@@ -32,7 +33,7 @@ from component.run_output import (
     save_final_model,
     stop_when_disk_full,
 )
-from component.trainer import (
+from component.training.trainer import (
     BadImageTracker,
     CheckpointMarkerCallback,
     CLIPTrainer,
@@ -42,7 +43,6 @@ from component.trainer import (
     min_samples_before_bad_image_check,
     newest_complete_checkpoint,
 )
-from component.training_plot import write_training_plot
 
 logger = logging.getLogger(__name__)
 

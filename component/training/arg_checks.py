@@ -12,7 +12,7 @@ from pathlib import Path
 
 from transformers import TrainingArguments
 
-from component.arg_values import ArgumentError
+from component.training.arg_values import ArgumentError
 
 # report_to name -> (modules of which one must import, what to pip install)
 REPORTING_PACKAGES = {

@@ -18,10 +18,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from component.encoding import ImageInput, InputError, encode_images, encode_texts, load_model_and_processor
+from component.encoding import ImageInput, encode_images, encode_texts, load_model_and_processor
+from component.errors import InputError
 from component.processor import ImageTransform
-from component.retrieval_images import ImageSource, encode_image_files
-from component.retrieval_store import (
+from component.retrieval.images import ImageSource, encode_image_files
+from component.retrieval.store import (
     EmbeddingDtype,
     IndexInfo,
     InfoStamp,
@@ -38,7 +39,7 @@ from component.retrieval_store import (
     write_info,
     write_metadata,
 )
-from component.retrieval_vectors import IndexType, choose_index_type, update_vectors
+from component.retrieval.vectors import IndexType, choose_index_type, update_vectors
 
 
 def model_fingerprint(model: torch.nn.Module, processor) -> str:

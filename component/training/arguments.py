@@ -14,8 +14,8 @@ from typing import Any
 
 from transformers import HfArgumentParser, TrainingArguments
 
-from component.arg_checks import check_paths, check_report_to, check_training_length
-from component.arg_values import (
+from component.training.arg_checks import check_paths, check_report_to, check_training_length
+from component.training.arg_values import (
     REMOVED_KEYS,
     RENAMED_KEYS,
     ArgumentError,

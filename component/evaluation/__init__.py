@@ -1,0 +1,1 @@
+"""Retrieval metrics: the toolkit's own and Chinese-CLIP's evaluation protocol."""

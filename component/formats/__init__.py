@@ -1,0 +1,1 @@
+"""Other checkpoint formats: Chinese-CLIP (cn_clip) checkpoints and ONNX export."""
