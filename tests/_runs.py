@@ -9,7 +9,7 @@ def tiny_run_args(tiny_towers: dict[str, Path], data_dir: Path, output_dir: Path
     return {
         "output_dir": str(output_dir),
         "clip_pretrain_path": str(tiny_towers["clip"]),
-        "bert_pretrain_path": str(tiny_towers["bert"]),
+        "text_pretrain_path": str(tiny_towers["bert"]),
         "train_file": str(data_dir / "train.csv"),
         "test_file": str(data_dir / "test.csv"),
         "image_path": str(data_dir / "images"),

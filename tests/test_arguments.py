@@ -201,14 +201,23 @@ def test_malformed_json_is_one_line_with_the_place(data_dir, capsys, text, messa
         ("test_file", "data/missing.csv"),
         ("image_path", "data/no_images"),
         ("clip_pretrain_path", "./pretrained/clip"),
-        ("bert_pretrain_path", "/nowhere/bert"),
+        ("text_pretrain_path", "/nowhere/bert"),
+        ("bert_pretrain_path", "/nowhere/bert"),  # the old name of text_pretrain_path
         ("model_name_or_path", "checkpoints/run1/final"),
     ],
 )
 def test_missing_path_is_refused_before_models_load(data_dir, capsys, key, value):
     path = write_json(data_dir / "a.json", base_values(**{key: value}))
     err = refusal(capsys, "--train_args_file", str(path))  # the autouse fixture fails on a model load
-    assert f"{key} {value!r}" in err
+    assert f"{key.replace('bert_', 'text_')} {value!r}" in err
+
+
+def test_bert_pretrain_path_is_the_old_name_of_text_pretrain_path(data_dir, capsys):
+    path = write_json(data_dir / "a.json", base_values(bert_pretrain_path="bert-base-chinese"))
+    assert parse_train_args(str(path))[0].text_pretrain_path == "bert-base-chinese"
+    both = base_values(bert_pretrain_path="bert-base-chinese", text_pretrain_path="hfl/rbt3")
+    err = refusal(capsys, "--train_args_file", str(write_json(data_dir / "b.json", both)))
+    assert "bert_pretrain_path 'bert-base-chinese' and text_pretrain_path 'hfl/rbt3' disagree" in err
 
 
 def test_hub_ids_are_left_to_the_loader(data_dir):

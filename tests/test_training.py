@@ -82,7 +82,8 @@ def test_misspelt_key_is_named(tmp_path):
     [
         ("unlock_vision_at", "soon", "unlock_vision_at must be a step number or 'plateau', got 'soon'"),
         ("max_bad_image_fraction", 2, "max_bad_image_fraction must be in"),
-        ("text_pooling", "mean", "text_pooling must be 'cls' or 'pooler'"),
+        ("text_pooling", "max", "text_pooling must be 'cls', 'pooler' or 'mean'"),
+        ("loss", "sigmoid", "loss must be one of \\['clip', 'siglip'\\], got 'sigmoid'"),
     ],
 )
 def test_bad_values_fail_with_the_value(tmp_path, key, value, message):

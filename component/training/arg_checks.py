@@ -108,7 +108,7 @@ def check_paths(path: str | Path, model_args, data_args) -> None:
     if not os.path.isdir(data_args.image_path):
         raise ArgumentError(f"{path}: image_path {data_args.image_path!r} is not a directory")
     model_keys = ["model_name_or_path"] if model_args.model_name_or_path else [
-        "clip_pretrain_path", "bert_pretrain_path"]  # fmt: skip
+        "clip_pretrain_path", "text_pretrain_path"]  # fmt: skip
     for key in model_keys:
         value = getattr(model_args, key)
         if looks_local(value) and not os.path.isdir(os.path.expanduser(value)):

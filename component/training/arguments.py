@@ -14,6 +14,7 @@ from typing import Any
 
 from transformers import HfArgumentParser, TrainingArguments
 
+from component.loss import LOSSES
 from component.training.arg_checks import check_paths, check_report_to, check_training_length
 from component.training.arg_values import (
     REMOVED_KEYS,
@@ -24,6 +25,8 @@ from component.training.arg_values import (
     read_arg_file,
     translate_old_names,
 )
+
+DEFAULT_TEXT_TOWER = "Langboat/mengzi-bert-base"
 
 
 @dataclass
@@ -36,15 +39,21 @@ class ModelArguments:
             "help": "CLIPModel checkpoint (hub id or directory) for the image tower and image processor."
         },
     )
-    bert_pretrain_path: str = field(
-        default="Langboat/mengzi-bert-base",
-        metadata={"help": "BertModel checkpoint (hub id or directory) for the text tower and tokenizer."},
+    text_pretrain_path: str = field(
+        default=DEFAULT_TEXT_TOWER,
+        metadata={
+            "help": "Any transformers text encoder checkpoint (hub id or directory): BERT, RoBERTa-wwm, "
+            "ERNIE, XLM-R, ...; the text tower and tokenizer."
+        },
+    )
+    bert_pretrain_path: str | None = field(
+        default=None, metadata={"help": "Old name of text_pretrain_path, still read."}
     )
     model_name_or_path: str | None = field(
         default=None,
         metadata={
             "help": "Continue from a BertCLIP, ChineseCLIP or original CLIP-Chinese checkpoint instead of "
-            "clip_pretrain_path + bert_pretrain_path."
+            "clip_pretrain_path + text_pretrain_path."
         },
     )
     load_from_bert_clip: bool = field(
@@ -53,12 +62,22 @@ class ModelArguments:
     )
     text_pooling: str = field(
         default="cls",
-        metadata={"help": "'cls' ([CLS] hidden state, as Chinese-CLIP) or 'pooler' (BERT pooler output)."},
+        metadata={
+            "help": "'cls' (first token's hidden state, as Chinese-CLIP), 'pooler' (the tower's pooler "
+            "output, where it has one) or 'mean' (mean over the non-padding tokens)."
+        },
     )
 
     def __post_init__(self):
-        if self.text_pooling not in ("cls", "pooler"):
-            raise ArgumentError(f"text_pooling must be 'cls' or 'pooler', got {self.text_pooling!r}")
+        if self.text_pooling not in ("cls", "pooler", "mean"):
+            raise ArgumentError(f"text_pooling must be 'cls', 'pooler' or 'mean', got {self.text_pooling!r}")
+        if self.bert_pretrain_path is not None:  # the old name wins only where the new one is not set
+            if self.text_pretrain_path not in (self.bert_pretrain_path, DEFAULT_TEXT_TOWER):
+                raise ArgumentError(
+                    f"bert_pretrain_path {self.bert_pretrain_path!r} and text_pretrain_path "
+                    f"{self.text_pretrain_path!r} disagree; keep only text_pretrain_path"
+                )
+            self.text_pretrain_path = self.bert_pretrain_path
         if self.load_from_bert_clip and self.model_name_or_path is None:
             self.model_name_or_path = self.clip_pretrain_path
 
@@ -73,6 +92,15 @@ class DataArguments:
     )
     image_path: str = field(default=None, metadata={"help": "Directory the CSV filenames are relative to."})
     max_seq_length: int = field(default=64, metadata={"help": "Texts are truncated to this many tokens."})
+    num_train_samples: int | None = field(
+        default=None,
+        metadata={
+            "help": "Samples in one epoch of webdataset shards, when no sizes.json or shard counts give it."
+        },
+    )
+    shuffle_buffer: int = field(
+        default=10_000, metadata={"help": "Samples held to shuffle a stream of webdataset shards."}
+    )
     max_bad_image_fraction: float = field(
         default=0.01,
         metadata={"help": "Stop training if more than this fraction of images fail to load."},
@@ -109,7 +137,23 @@ class DataArguments:
 
 @dataclass
 class TowerArguments:
-    """Which towers train, and when the image tower unlocks (LiT, then Chinese-CLIP's second stage)."""
+    """How the towers train: the loss, which towers are locked, and when the image tower unlocks (LiT,
+    then Chinese-CLIP's second stage)."""
+
+    loss: str = field(
+        default="clip",
+        metadata={
+            "help": "'clip' (softmax over the batch, both directions) or 'siglip' (sigmoid over every pair; "
+            "a model without a logit bias starts at logit_scale ln 10, logit_bias -10)."
+        },
+    )
+    dedupe_captions_in_batch: bool = field(
+        default=False,
+        metadata={
+            "help": "Rows of a batch with the same caption are not each other's negatives (for class names "
+            "used as captions)."
+        },
+    )
 
     freeze_vision_model: bool = field(default=True, metadata={"help": "Lock the image tower (LiT)."})
     freeze_vision_projection: bool = field(
@@ -146,6 +190,8 @@ class TowerArguments:
     )
 
     def __post_init__(self):
+        if self.loss not in LOSSES:
+            raise ArgumentError(f"loss must be one of {sorted(LOSSES)}, got {self.loss!r}")
         if isinstance(self.unlock_vision_at, int | float) and not isinstance(self.unlock_vision_at, bool):
             self.unlock_vision_at = str(int(self.unlock_vision_at))
         value = self.unlock_vision_at

@@ -36,7 +36,7 @@ def towers_section(record: dict, model_config) -> list[str]:
         sources = [f"- continued from `{model['model_name_or_path']}`"]
     else:
         sources = [f"- image tower: `{model['clip_pretrain_path']}` (CLIP vision model)",
-                   f"- text tower: `{model['bert_pretrain_path']}` (BERT)"]  # fmt: skip
+                   f"- text tower: `{model['text_pretrain_path']}`"]  # fmt: skip
     text, vision = model_config.text_config, model_config.vision_config
     return ["## Towers", "", *sources,
             f"- text pooling: `{model['text_pooling']}`; projection dim {model_config.projection_dim}",

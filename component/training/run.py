@@ -76,11 +76,11 @@ def build_model_and_processor(model_args: ModelArguments):
         model = BertCLIPModel.from_pretrained(source)
         processor = load_processor(source)
     else:
-        source = model_args.bert_pretrain_path
+        source = model_args.text_pretrain_path
         model = BertCLIPModel.from_vision_text_pretrained(
-            model_args.clip_pretrain_path, model_args.bert_pretrain_path, text_pooling=model_args.text_pooling
+            model_args.clip_pretrain_path, model_args.text_pretrain_path, text_pooling=model_args.text_pooling
         )
-        processor = build_processor(model_args.clip_pretrain_path, model_args.bert_pretrain_path)
+        processor = build_processor(model_args.clip_pretrain_path, model_args.text_pretrain_path)
     check_tokenizer_fits(processor.tokenizer, model, source)
     return model, processor
 
