@@ -4,8 +4,8 @@ from typing import ClassVar, Literal
 
 from transformers import BertConfig, CLIPVisionConfig, PreTrainedConfig
 
-TextPooling = Literal["cls", "pooler"]
-TEXT_POOLINGS = ("cls", "pooler")
+TextPooling = Literal["cls", "pooler", "mean"]
+TEXT_POOLINGS = ("cls", "pooler", "mean")
 
 
 class BertCLIPConfig(PreTrainedConfig):
@@ -16,8 +16,12 @@ class BertCLIPConfig(PreTrainedConfig):
         vision_config: a `CLIPVisionConfig` or its dict.
         projection_dim: size of the shared image-text embedding space.
         logit_scale_init_value: initial log of the softmax temperature's inverse (ln(1/0.07)).
-        text_pooling: "cls" uses the last hidden state of [CLS] (Chinese-CLIP, transformers'
-            ChineseCLIPModel); "pooler" uses BERT's pooler output (the original CLIP-Chinese).
+        logit_bias_init_value: the initial logit bias, or None for a model without one. A model
+            with a bias (SigLIP) scores each image-text pair with a sigmoid rather than a softmax
+            over the candidates.
+        text_pooling: "cls" uses the last hidden state of the first token (Chinese-CLIP,
+            transformers' ChineseCLIPModel); "pooler" uses the tower's pooler output (the original
+            CLIP-Chinese); "mean" averages the last hidden states over the attention mask.
     """
 
     model_type = "bert_clip"
@@ -30,6 +34,7 @@ class BertCLIPConfig(PreTrainedConfig):
     vision_config: dict | CLIPVisionConfig | None = None
     projection_dim: int = 512
     logit_scale_init_value: float = 2.6592
+    logit_bias_init_value: float | None = None
     text_pooling: str = "cls"
 
     def __post_init__(self, **kwargs):

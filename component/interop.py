@@ -145,6 +145,7 @@ def to_chinese_clip(model) -> ChineseCLIPModel:
 
     To write it to disk use `save_chinese_clip`, which saves the matching processor with it.
     """
+    _refuse_siglip(model)
     config = model.config
     if config.text_pooling != "cls":
         raise ValueError(
@@ -162,6 +163,14 @@ def to_chinese_clip(model) -> ChineseCLIPModel:
     return chinese.to(model.device).eval()
 
 
+def _refuse_siglip(model) -> None:
+    if getattr(model, "logit_bias", None) is not None:
+        raise CheckpointError(
+            "cannot export as ChineseCLIP: this model has a logit bias (trained with the SigLIP loss) "
+            "and ChineseCLIP has no logit bias; keep it as a BertCLIP checkpoint"
+        )
+
+
 def save_chinese_clip(model, save_directory: str | Path, processor=None) -> None:
     """Write a complete transformers ChineseCLIP directory: `ChineseCLIPModel` weights plus a
     `ChineseCLIPProcessor` (the tokenizer, and a ChineseCLIPImageProcessor with the same resize,
@@ -171,6 +180,7 @@ def save_chinese_clip(model, save_directory: str | Path, processor=None) -> None
     `processor` defaults to the one saved beside the model. Everything is checked before the
     first file is written.
     """
+    _refuse_siglip(model)
     processor = processor if processor is not None else _processor_beside(model)
     if processor is None:
         raise CheckpointError(

@@ -19,20 +19,26 @@ from component.interop import (
     report_loading_info,
     unreadable_weights_error,
 )
-from component.loss import contrastive_loss
+from component.loss import get_loss
 
 logger = logging.get_logger(__name__)
 
 
 @dataclass
 class BertCLIPOutput(ModelOutput):
-    """Outputs of `BertCLIPModel.forward`; embeddings are L2-normalised."""
+    """Outputs of `BertCLIPModel.forward`; embeddings are L2-normalised.
+
+    `logit_scale` is the model's parameter (log space) and `logit_bias` its bias or None, so that
+    a loss chosen outside the model (`component.loss.get_loss`) gets everything it needs.
+    """
 
     loss: torch.FloatTensor | None = None
     logits_per_image: torch.FloatTensor | None = None  # [n_images, n_texts]
     logits_per_text: torch.FloatTensor | None = None  # [n_texts, n_images]
     text_embeds: torch.FloatTensor | None = None  # [n_texts, projection_dim]
     image_embeds: torch.FloatTensor | None = None  # [n_images, projection_dim]
+    logit_scale: torch.FloatTensor | None = None  # scalar
+    logit_bias: torch.FloatTensor | None = None  # scalar, SigLIP models only
 
 
 @dataclass
@@ -71,6 +77,8 @@ class BertCLIPPreTrainedModel(PreTrainedModel):
                 vision_hidden = self.config.vision_config.hidden_size
                 init.normal_(module.visual_projection.weight, std=vision_hidden**-0.5)
                 init.constant_(module.logit_scale, self.config.logit_scale_init_value)
+                if module.logit_bias is not None:
+                    init.constant_(module.logit_bias, self.config.logit_bias_init_value)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -122,7 +130,33 @@ class BertCLIPModel(BertCLIPPreTrainedModel):
             config.vision_config.hidden_size, config.projection_dim, bias=False
         )
         self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
+        # Only SigLIP models have a bias; older checkpoints then load with no missing key.
+        self.logit_bias: nn.Parameter | None = None
+        if config.logit_bias_init_value is not None:
+            self.logit_bias = nn.Parameter(torch.tensor(config.logit_bias_init_value))
         self.post_init()
+
+    @property
+    def uses_sigmoid(self) -> bool:
+        """True for a model with a logit bias: its scores are sigmoid match probabilities per pair,
+        not a softmax over the candidates."""
+        return self.logit_bias is not None
+
+    def add_logit_bias(self, logit_scale: float, logit_bias: float) -> None:
+        """Give the model a logit bias (for the SigLIP loss) and reset its logit scale.
+
+        Training with the SigLIP loss calls this once for a model that has no bias yet, with
+        `component.loss.SIGLIP_INIT_LOGIT_SCALE` and `SIGLIP_INIT_LOGIT_BIAS`. The bias is saved
+        with the model from then on, and `config.logit_bias_init_value` records it.
+        """
+        scale = self.logit_scale
+        with torch.no_grad():
+            scale.fill_(logit_scale)
+            if self.logit_bias is not None:  # keep the parameter object an optimizer may hold
+                self.logit_bias.fill_(logit_bias)
+        if self.logit_bias is None:
+            self.logit_bias = nn.Parameter(torch.tensor(logit_bias, dtype=scale.dtype, device=scale.device))
+        self.config.logit_bias_init_value = float(logit_bias)
 
     def get_text_features(
         self,
@@ -153,8 +187,11 @@ class BertCLIPModel(BertCLIPPreTrainedModel):
         image_features: torch.Tensor | None = None,
         **kwargs,
     ) -> BertCLIPOutput:
-        """Image-text logits and normalised embeddings; the contrastive loss when `return_loss`.
+        """Image-text logits, normalised embeddings and the scales; a loss when `return_loss`.
 
+        The logits are exp(logit_scale) * cosine (+ logit_bias for a SigLIP model). Training picks
+        its loss by name (`component.loss.get_loss`); `return_loss=True`, kept for transformers
+        users, computes the model's natural one: "siglip" with a bias, "clip" without.
         `image_features` (projected, as `get_image_features` returns them) replace `pixel_values`
         when the image tower is locked and its outputs were cached.
         """
@@ -162,14 +199,21 @@ class BertCLIPModel(BertCLIPPreTrainedModel):
             image_features = self.get_image_features(pixel_values)
         image_embeds = F.normalize(image_features, dim=-1)
         text_embeds = F.normalize(self.get_text_features(input_ids, attention_mask, token_type_ids), dim=-1)
-        logits_per_text = text_embeds @ image_embeds.T * self.logit_scale.exp()
-        loss = contrastive_loss(image_embeds, text_embeds, self.logit_scale) if return_loss else None
+        logits_per_text = text_embeds @ image_embeds.T * self.logit_scale.exp()  # [n_texts, n_images]
+        if self.logit_bias is not None:
+            logits_per_text = logits_per_text + self.logit_bias
+        loss = None
+        if return_loss:
+            loss_function = get_loss("siglip" if self.uses_sigmoid else "clip")
+            loss = loss_function(image_embeds, text_embeds, self.logit_scale, self.logit_bias)
         return BertCLIPOutput(
             loss=loss,
             logits_per_image=logits_per_text.T,
             logits_per_text=logits_per_text,
             text_embeds=text_embeds,
             image_embeds=image_embeds,
+            logit_scale=self.logit_scale,
+            logit_bias=self.logit_bias,
         )
 
     @classmethod
@@ -251,6 +295,7 @@ class BertCLIPTextModel(BertCLIPPreTrainedModel):
         r"^vision_model\.",
         r"^visual_projection\.",
         r"^logit_scale$",
+        r"^logit_bias$",
     ]
 
     def __init__(self, config: BertCLIPConfig):

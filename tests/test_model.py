@@ -1,6 +1,7 @@
 """BertCLIPModel: config, forward, features, save/load and the Auto classes."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -9,7 +10,8 @@ from PIL import Image
 from transformers import AutoConfig, AutoModel, AutoProcessor, BertTokenizerFast
 
 from component.configuration import BertCLIPConfig
-from component.loss import contrastive_loss
+from component.interop import CheckpointError
+from component.loss import SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE, contrastive_loss, siglip_loss
 from component.model import BertCLIPModel, BertCLIPTextModel
 from component.processor import load_processor
 
@@ -32,8 +34,9 @@ def test_config_round_trip_and_validation(tmp_path):
     assert isinstance(loaded, BertCLIPConfig)
     assert loaded.text_pooling == "pooler" and loaded.text_config.hidden_size == 32
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "bert_clip"
+    assert loaded.logit_bias_init_value is None
     with pytest.raises(ValueError, match="text_pooling"):
-        BertCLIPConfig(text_pooling="mean")
+        BertCLIPConfig(text_pooling="max")
 
 
 def test_chinese_text_does_not_tokenize_to_unk(tiny_towers):
@@ -147,3 +150,83 @@ def test_gradient_checkpointing_covers_both_towers(tiny_model):
 def test_both_towers_use_sdpa_attention(tiny_model):
     assert tiny_model.text_model.config._attn_implementation == "sdpa"
     assert tiny_model.vision_model.config._attn_implementation == "sdpa"
+
+
+def siglip_model(tiny_model) -> BertCLIPModel:
+    tiny_model.add_logit_bias(SIGLIP_INIT_LOGIT_SCALE, SIGLIP_INIT_LOGIT_BIAS)
+    return tiny_model
+
+
+def test_old_checkpoint_has_no_logit_bias(tiny_checkpoint, tmp_path):
+    shutil.copytree(tiny_checkpoint, tmp_path, dirs_exist_ok=True)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["logit_bias_init_value"]  # written before the key existed
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model, info = BertCLIPModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert model.config.logit_bias_init_value is None
+    assert model.logit_bias is None and not model.uses_sigmoid
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_add_logit_bias_sets_scale_and_bias(tiny_model):
+    model = siglip_model(tiny_model)
+    assert model.uses_sigmoid
+    assert model.logit_scale.item() == pytest.approx(SIGLIP_INIT_LOGIT_SCALE)
+    assert model.logit_bias.item() == SIGLIP_INIT_LOGIT_BIAS
+    assert model.logit_bias.dtype == model.logit_scale.dtype and model.logit_bias.requires_grad
+    assert model.config.logit_bias_init_value == SIGLIP_INIT_LOGIT_BIAS
+    assert "logit_bias" in dict(model.named_parameters())
+
+
+def test_siglip_save_load_keeps_the_bias(tiny_model, tiny_checkpoint, tmp_path):
+    model = siglip_model(tiny_model)
+    with torch.no_grad():
+        model.logit_bias.fill_(-3.25)  # trained away from its initial value
+    model.save_pretrained(tmp_path)
+    reloaded, info = BertCLIPModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert reloaded.uses_sigmoid and reloaded.logit_bias.item() == -3.25
+    assert AutoConfig.from_pretrained(tmp_path).logit_bias_init_value == SIGLIP_INIT_LOGIT_BIAS
+    inputs = make_inputs(tiny_checkpoint)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits_per_image, reloaded.eval()(**inputs).logits_per_image)
+
+
+def test_siglip_logits_include_the_bias(tiny_model, tiny_checkpoint):
+    model = siglip_model(tiny_model)
+    with torch.no_grad():
+        out = model(**make_inputs(tiny_checkpoint))
+    expected = out.image_embeds @ out.text_embeds.T * model.logit_scale.exp() + model.logit_bias
+    torch.testing.assert_close(out.logits_per_image, expected)
+    torch.testing.assert_close(out.logits_per_text, expected.T)
+    assert out.logit_scale is model.logit_scale and out.logit_bias is model.logit_bias
+
+
+def test_return_loss_is_siglip_for_a_biased_model(tiny_model, tiny_checkpoint):
+    model = siglip_model(tiny_model)
+    with torch.no_grad():
+        out = model(**make_inputs(tiny_checkpoint), return_loss=True)
+    expected = siglip_loss(out.image_embeds, out.text_embeds, model.logit_scale, model.logit_bias)
+    torch.testing.assert_close(out.loss, expected)
+    assert not torch.isclose(out.loss, contrastive_loss(out.image_embeds, out.text_embeds, model.logit_scale))
+
+
+def test_unbiased_model_outputs_scale_and_no_bias(tiny_model, tiny_checkpoint):
+    with torch.no_grad():
+        out = tiny_model(**make_inputs(tiny_checkpoint))
+    assert out.logit_scale is tiny_model.logit_scale and out.logit_bias is None
+
+
+def test_to_chinese_clip_refuses_a_siglip_model(tiny_model, tmp_path):
+    model = siglip_model(tiny_model)
+    with pytest.raises(CheckpointError, match="ChineseCLIP has no logit bias"):
+        model.to_chinese_clip()
+    with pytest.raises(CheckpointError, match="ChineseCLIP has no logit bias"):
+        model.save_chinese_clip(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_text_model_loads_from_a_siglip_checkpoint(tiny_model, tmp_path):
+    siglip_model(tiny_model).save_pretrained(tmp_path)
+    _, info = BertCLIPTextModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["unexpected_keys"] and not info["missing_keys"]
