@@ -2,8 +2,6 @@
 
 import logging
 import math
-import os
-import stat
 from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -13,9 +11,9 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from component.processor import ImageTransform
+from component.training.sources import CsvSource
 from datatools.csv_rows import CsvTable, InputError
 from datatools.errors import DataStopError, UserError
-from datatools.image_check import ImageRoot
 from datatools.images import RejectedError
 
 logger = logging.getLogger(__name__)
@@ -142,43 +140,43 @@ def describe_load_error(error: Exception) -> str:
 
 
 class ImageTextDataset(Dataset):
-    """Raw samples: the caption, the image as a resized uint8 array, and bookkeeping.
+    """Raw samples of a map-style source: the caption, the image as a resized uint8 array, and
+    bookkeeping.
 
-    An image that fails to load is replaced by the next loadable row at a fixed stride, so the
+    An image that fails to load is replaced by the next loadable sample at a fixed stride, so the
     batch keeps its size and reruns see the same replacement; the failure is reported in the
     sample ("bad_images") for the trainer to count.
+
+    source: an `ImageTextSource`, or `ImageTextRows` with `image_path` (the CSV rows and their folder).
     """
 
-    def __init__(
-        self, rows: ImageTextRows, image_path: str | Path, transform: ImageTransform, draft: bool = True
-    ):
-        self.rows = rows
-        self.image_path = Path(image_path)
-        self.image_root = ImageRoot(self.image_path)
+    def __init__(self, source, image_path: str | Path | None = None, transform: ImageTransform | None = None,
+                 draft: bool = True):  # fmt: skip
+        if isinstance(source, ImageTextRows):
+            source = CsvSource(source, image_path)
+        self.source = source
         self.transform = transform
         self.draft = draft
-        self.replacement_stride = coprime_stride(len(rows))
+        self.replacement_stride = coprime_stride(len(source))
+
+    @property
+    def rows(self) -> ImageTextRows:
+        """The CSV rows (CSV sources only; kept for callers that read the rows directly)."""
+        return self.source.rows
+
+    @property
+    def image_path(self) -> Path:
+        return self.source.image_path
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.source)
 
-    def image_file(self, index: int) -> Path:
-        """The path of row `index`'s image; raises `RejectedError` for a name that escapes
-        image_path (absolute, `..`, a symlink out) and for anything but a regular file."""
-        filename = self.rows.filenames[index]
-        try:
-            path = self.image_root.path(filename)
-        except RejectedError as error:
-            if error.reason == "unsafe_filename":
-                raise RejectedError(error.reason, "path escapes image_path") from None
-            raise
-        # A FIFO would block the reader (and the whole run) for ever; a stat never opens it.
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            raise RejectedError("not_a_file", "not a regular file (a FIFO, directory or device)")
-        return path
+    def image_file(self, index: int):
+        """What the image of sample `index` is read from (a path for a CSV source)."""
+        return self.source.open_image(index)
 
     def load_image(self, index: int) -> np.ndarray:
-        image = self.transform.load(self.image_file(index), draft=self.draft)
+        image = self.transform.load(self.source.open_image(index), draft=self.draft)
         return self.transform(image)
 
     def __getitem__(self, index: int) -> dict:
@@ -191,14 +189,15 @@ class ImageTextDataset(Dataset):
                 image = self.load_image(candidate)
                 break
             except Exception as error:  # any undecodable file; never crash a long run
-                bad_images.append(f"{self.rows.filenames[candidate]}: {describe_load_error(error)}")
+                bad_images.append(f"{self.source.image_key(candidate)}: {describe_load_error(error)}")
                 candidate = (candidate + stride) % len(self)
         else:
             raise BadImageError(
-                f"{self.image_path}: {tries} images in a row failed to load; is image_path right?"
+                f"{getattr(self.source, 'image_path', self.source.name)}: {tries} images in a row failed "
+                "to load; is image_path right?"
             )
         return {
-            "text": self.rows.texts[candidate],
+            "text": self.source.caption(candidate),
             "image": image,
             "index": candidate,
             "bad_images": bad_images,

@@ -1,8 +1,9 @@
 """LiT with a locked image tower: compute each image embedding once, keep it on disk, reuse it.
 
 The cache is a memory-mapped float16 array of projected (not normalised) image features, one
-row per CSV row, plus a mask of rows whose image failed to load. Its name is a hash of the image
-tower's weights, the preprocessing and the image list, so a changed model or CSV gets a new cache.
+row per sample of a map-style source, plus a mask of rows whose image failed to load. Its name
+is a hash of the image tower's weights, the preprocessing and the source's image list, so a
+changed model or CSV gets a new cache.
 
 Under torchrun every process computes one contiguous share of the rows and saves it as a part
 file; the first process joins the parts. A part survives an interruption and is not computed again.
@@ -19,7 +20,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from component.training.dataset import BadImageError, ImageTextDataset, ImageTextRows, coprime_stride
+from component.training.dataset import BadImageError, ImageTextDataset, coprime_stride
+from component.training.sources import ImageTextSource
 from datatools.atomic import atomic_file, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -34,9 +36,8 @@ def cache_key(model, dataset: ImageTextDataset) -> str:
     for name, tensor in sorted(image_side.items()):
         digest.update(name.encode())
         digest.update(tensor.detach().float().cpu().numpy().tobytes())
-    digest.update(repr((dataset.transform, dataset.draft, str(dataset.image_path.resolve()))).encode())
-    digest.update(dataset.rows.filenames.buffer.tobytes())
-    digest.update(dataset.rows.filenames.offsets.tobytes())
+    digest.update(repr((dataset.transform, dataset.draft)).encode())
+    digest.update(dataset.source.identity())
     return digest.hexdigest()[:24]
 
 
@@ -158,7 +159,7 @@ def load_or_build_cache(
                                "output_dir must be on a file system that all of them share")  # fmt: skip
         valid = _join_parts(parts, model.config.projection_dim, features_path, valid_path)
         meta = {"rows": len(dataset), "dim": model.config.projection_dim, "bad_rows": int((~valid).sum()),
-                "source": dataset.rows.source}  # fmt: skip
+                "source": dataset.source.name}  # fmt: skip
         write_json_atomic(meta_path, meta)
         for part in cache_dir.glob(f"{key}.part-*.npz"):
             part.unlink()
@@ -170,25 +171,30 @@ def load_or_build_cache(
 class CachedImageTextDataset(Dataset):
     """Like ImageTextDataset, but each sample carries its cached image features instead of pixels."""
 
-    def __init__(self, rows: ImageTextRows, features: np.ndarray, valid: np.ndarray):
+    def __init__(self, source: ImageTextSource, features: np.ndarray, valid: np.ndarray):
         if not valid.any():
-            raise BadImageError(f"{rows.source}: no image could be loaded; is image_path right?")
-        self.rows = rows
+            raise BadImageError(f"{source.name}: no image could be loaded; is image_path right?")
+        self.source = source
         self.features = features
         self.valid = valid
-        self.replacement_stride = coprime_stride(len(rows))
+        self.replacement_stride = coprime_stride(len(source))
+
+    @property
+    def rows(self):
+        """The CSV rows (CSV sources only)."""
+        return self.source.rows
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.source)
 
     def __getitem__(self, index: int) -> dict:
         # The same replacement rule as ImageTextDataset, so cached and uncached runs see the same pairs.
         bad_images, candidate, stride = [], index, self.replacement_stride
         while not self.valid[candidate]:
-            bad_images.append(f"{self.rows.filenames[candidate]}: failed to load when caching features")
+            bad_images.append(f"{self.source.image_key(candidate)}: failed to load when caching features")
             candidate = (candidate + stride) % len(self)
         return {
-            "text": self.rows.texts[candidate],
+            "text": self.source.caption(candidate),
             "image_features": np.asarray(self.features[candidate], dtype=np.float32),
             "index": candidate,
             "bad_images": bad_images,

@@ -121,7 +121,7 @@ def cache_image_features(model, train_dataset, test_dataset, training_args: Trai
             model, dataset, cache_dir, batch_size, training_args.dataloader_num_workers,
             training_args.device, shard,
         )  # fmt: skip
-        cached.append(CachedImageTextDataset(dataset.rows, features, valid))
+        cached.append(CachedImageTextDataset(dataset.source, features, valid))
     return tuple(cached)
 
 
