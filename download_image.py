@@ -1,17 +1,24 @@
 """Download the images of a `text,url,filename` CSV as small RGB JPEGs, resumably.
 
     python download_image.py --input data/train.csv --output data/images [--threads N]
+    python download_image.py --input data/train.csv --output data/shards --output_format webdataset
 
-Re-running skips images already stored; `--retry_failed` retries only the rows of the last
-failure list. Writes `<output>/download_report.json` and `<output>/download_failed.csv` (UTF-8).
+Files (the default): re-running skips images already stored; `--retry_failed` retries only the
+rows of the last failure list. Writes `<output>/download_report.json` and
+`<output>/download_failed.csv` (UTF-8). Webdataset: img2dataset-compatible tar shards of
+`--shard_size` rows, each with `_stats.json` and `_failed.csv`, and `sizes.json`; re-running
+skips finished shards, and `--part K/N` takes every N-th shard (see docs/data_tools.md).
 """
 
 import argparse
 import os
 import sys
+import time
 import warnings
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 from tqdm import tqdm
@@ -29,8 +36,10 @@ from datatools.download import (
 )
 from datatools.errors import UserError
 from datatools.fetch import OUT_OF_DESCRIPTORS, DownloadOptions, keepalive_hosts_per_thread
+from datatools.shard_writer import DEFAULT_SHARD_SIZE, SIZES_NAME, Part, ShardedOutput, ShardLayout
 
 REQUIRED_COLUMNS = ("url", "filename")
+SHARD_REQUIRED_COLUMNS = ("url",)  # shards are named by row number, not by a filename column
 DEFAULTS = DownloadOptions()
 # Enough requests in flight to cover ~0.3 s of web latency at what the cores can convert.
 DEFAULT_THREADS = min(256, 32 * (os.cpu_count() or 2))
@@ -76,6 +85,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--retry_failed", action="store_true", help=f"retry only the rows in <output>/{FAILED_NAME}"
+    )
+    parser.add_argument(
+        "--output_format",
+        choices=("files", "webdataset"),
+        default="files",
+        help="files: one JPEG per row under its filename; webdataset: img2dataset-compatible tar shards",
+    )
+    parser.add_argument(
+        "--shard_size", type=int, default=DEFAULT_SHARD_SIZE, help="rows per shard (webdataset)"
+    )
+    parser.add_argument(
+        "--part",
+        default="1/1",
+        help="K/N: write only the shards whose number modulo N is K-1 (webdataset; one part per machine)",
     )
     return parser.parse_args(argv)
 
@@ -127,7 +150,13 @@ def check_input(
     """The options, the input table, its row count and the filenames to retry, all checked before
     any work; raises a `UserError` naming what to fix."""
     options = build_options(args)
-    table = CsvTable.open(args.input, REQUIRED_COLUMNS, args.encoding)
+    shards = args.output_format == "webdataset"
+    if shards:
+        Part.parse(args.part)
+        ShardLayout(args.shard_size, 0)
+    if shards and args.retry_failed:
+        raise InputError("--retry_failed works with --output_format files; a re-run redoes unfinished shards")
+    table = CsvTable.open(args.input, SHARD_REQUIRED_COLUMNS if shards else REQUIRED_COLUMNS, args.encoding)
     total = table.count()  # reads the whole file: a malformed CSV fails here, naming the line
     try:
         output.mkdir(parents=True, exist_ok=True)
@@ -138,54 +167,68 @@ def check_input(
 
 
 def download_with_progress(
-    rows: Iterable[dict[str, str]],
-    output: Path,
+    tasks: Iterable[tuple],
     downloader: ImageDownloader,
     threads: int,
-    report: DownloadReport,
+    record: Callable[[Any, Any], None],
+    counts: Counter,
     total: int,
+    work: Callable[[str, Any], Any] | None = None,
 ) -> bool:
-    """`download_rows` with a progress bar, every finished row counted into `report`; True if interrupted."""
+    """`download_rows` with a progress bar showing `counts` (`ok`, `failed`); True if interrupted."""
     with tqdm(total=total, unit="img", desc="download", dynamic_ncols=True) as bar:
 
-        def record(row: dict[str, str], outcome: str) -> None:
-            report.record(row, outcome)
+        def record_and_show(row: Any, outcome: Any) -> None:
+            record(row, outcome)
             bar.update()
             if bar.n % 100 == 0 or bar.n == total:  # formatting the postfix per row would cost more
-                bar.set_postfix(ok=report.counts["ok"], failed=report.counts["failed"], refresh=False)
+                bar.set_postfix(ok=counts["ok"], failed=counts["failed"], refresh=False)
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused as a reason instead
-            return download_rows(plan_downloads(rows, output), downloader, threads, record)
+            return download_rows(tasks, downloader, threads, record_and_show, work)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Download every row's image; exit 0 when the run completed, even with failed rows."""
-    args = parse_args(argv)
+def start_downloader(options: DownloadOptions, threads: int) -> tuple[ImageDownloader, int]:
+    """The downloader, its idle connections kept within the open-file limit (raised as far as
+    allowed); and that limit."""
+    open_file_limit = raise_open_file_limit()
+    hosts = keepalive_hosts_per_thread(threads, open_file_limit)
+    return ImageDownloader(options, hosts_per_thread=hosts), open_file_limit
+
+
+def report_stop(error: OSError | UserError, output: Path, open_file_limit: int) -> int:
+    """Print why the run stopped in one line; its exit code."""
+    if isinstance(error, UserError):  # the input changed or became unreadable during the run
+        print(f"\nerror: {error}", file=sys.stderr)
+        return error.exit_code
+    print(f"\nerror: {fatal_error_message(error, output, open_file_limit)}", file=sys.stderr)
+    return 1
+
+
+def download_files(
+    args: argparse.Namespace,
+    options: DownloadOptions,
+    table: CsvTable,
+    total: int,
+    retry_names: set[str] | None,
+) -> int:
+    """Store each row's image under its filename, then write the report and the failure list."""
     output = Path(args.output)
-    # 1. Check the input and the options before any work.
-    try:
-        options, table, total, retry_names = check_input(args, output)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    if table.encoding_note():
-        print(table.encoding_note(), file=sys.stderr)
-    # 2. Stream the rows: all of them, or only those of the last failure list.
+    # Stream the rows: all of them, or only those of the last failure list.
     rows = table.rows()
     if retry_names is not None:
         rows = (row for row in rows if row.get("filename", "") in retry_names)
         total = len(retry_names)
-    # 3. Download; idle connections are kept within the open-file limit (raised as far as allowed).
-    open_file_limit = raise_open_file_limit()
-    downloader = ImageDownloader(
-        options, hosts_per_thread=keepalive_hosts_per_thread(args.threads, open_file_limit)
-    )
+    downloader, open_file_limit = start_downloader(options, args.threads)
     report = None
     try:
         report = DownloadReport(output, table.fieldnames)
-        interrupted = download_with_progress(rows, output, downloader, args.threads, report, total)
-        # 4. Save the report; an interrupted retry keeps the old failure list, which still holds the rest.
+        tasks = plan_downloads(rows, output)
+        interrupted = download_with_progress(
+            tasks, downloader, args.threads, report.record, report.counts, total
+        )
+        # An interrupted retry keeps the old failure list, which still holds the rest.
         details = {"input": str(args.input), "output": str(output), "retry_failed": args.retry_failed}
         saved = report.save(
             {**details, "interrupted": interrupted}, keep_old_failure_list=interrupted and args.retry_failed
@@ -193,13 +236,58 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, UserError) as error:  # a full disk or no file descriptors (see FATAL_ERRNOS)
         if report is not None:
             report.discard()
-        if isinstance(error, UserError):  # the input changed or became unreadable during the run
-            print(f"\nerror: {error}", file=sys.stderr)
-            return error.exit_code
-        print(f"\nerror: {fatal_error_message(error, output, open_file_limit)}", file=sys.stderr)
-        return 1
+        return report_stop(error, output, open_file_limit)
     print_summary(saved, output)
     return 130 if interrupted else 0
+
+
+def download_shards(args: argparse.Namespace, options: DownloadOptions, table: CsvTable, total: int) -> int:
+    """Write this part's unfinished shards, each in row order and atomically, then `sizes.json`."""
+    output = Path(args.output)
+    layout = ShardLayout(args.shard_size, total)
+    sharded = ShardedOutput(output, layout, Part.parse(args.part), table.fieldnames)
+    downloader, open_file_limit = start_downloader(options, args.threads)
+    started = time.monotonic()
+    try:
+        tasks, record = sharded.tasks(table.rows()), sharded.record
+        interrupted = download_with_progress(
+            tasks, downloader, args.threads, record, sharded.counts, sharded.rows_to_do, downloader.convert
+        )
+        if interrupted:  # the shards being written are incomplete: they go, finished ones stay
+            sharded.discard()
+        else:
+            sharded.finish()
+    except (OSError, UserError) as error:
+        sharded.discard()
+        return report_stop(error, output, open_file_limit)
+    counts, seconds = sharded.counts, time.monotonic() - started
+    state = "interrupted after" if interrupted else "finished"
+    print(
+        f"{state} {counts['shards_written']} shards ({counts['shards_already_there']} already there): "
+        f"{counts['ok']} downloaded, {counts['failed']} failed, {counts['skipped']} rows in finished shards "
+        f"({counts['ok'] / max(seconds, 1e-9):.1f} images/s)"
+    )
+    for reason, count in sharded.reasons.most_common():
+        print(f"  {reason:<24} {count}")
+    print(f"shards, *_stats.json and *_failed.csv in {output}; sample counts: {output / SIZES_NAME}")
+    return 130 if interrupted else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Download every row's image; exit 0 when the run completed, even with failed rows."""
+    args = parse_args(argv)
+    # 1. Check the input and the options before any work.
+    try:
+        options, table, total, retry_names = check_input(args, Path(args.output))
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if table.encoding_note():
+        print(table.encoding_note(), file=sys.stderr)
+    # 2. Download into the chosen layout, and write what was done.
+    if args.output_format == "webdataset":
+        return download_shards(args, options, table, total)
+    return download_files(args, options, table, total, retry_names)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ socket reads release the GIL, so threads scale across cores.
 """
 
 import errno
+import hashlib
 import io
 import os
 import threading
@@ -14,7 +15,9 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
@@ -58,7 +61,19 @@ def _shrunk_size(size: tuple[int, int], short_side: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def to_training_jpeg(data: bytes, short_side: int = 256, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes:
+@dataclass(frozen=True)
+class ConvertedImage:
+    """A converted image: its JPEG bytes, its size, the upright size it had, and the source's SHA-256."""
+
+    jpeg: bytes
+    width: int
+    height: int
+    original_width: int
+    original_height: int
+    sha256: str = ""
+
+
+def convert_image(data: bytes, short_side: int = 256, max_pixels: int = DEFAULT_MAX_PIXELS) -> ConvertedImage:
     """Decode `data` fully and return it as an upright RGB JPEG (quality 90), short side <= `short_side`.
 
     JPEGs much larger than the target are decoded at a reduced scale (PIL draft mode: 1/2, 1/4
@@ -77,14 +92,20 @@ def to_training_jpeg(data: bytes, short_side: int = 256, max_pixels: int = DEFAU
         image.decodermaxblock = len(data)  # one decode call: the GIL is released and taken once
         decode_fully(image)
         turned = upright(image)
+        original = stored_size
         if turned.size != image.size:  # turned by 90 degrees
-            target = target[::-1]
+            target, original = target[::-1], stored_size[::-1]
         rgb = to_rgb(turned)
         if rgb.size != target:
             rgb = rgb.resize(target, Image.Resampling.BILINEAR)  # Pillow antialiases when shrinking
         buffer = io.BytesIO()
         rgb.save(buffer, "JPEG", quality=JPEG_QUALITY)
-        return buffer.getvalue()
+        return ConvertedImage(buffer.getvalue(), *rgb.size, *original, hashlib.sha256(data).hexdigest())
+
+
+def to_training_jpeg(data: bytes, short_side: int = 256, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes:
+    """`convert_image`'s JPEG bytes alone."""
+    return convert_image(data, short_side, max_pixels).jpeg
 
 
 def store_image(path: Path, data: bytes) -> None:
@@ -130,8 +151,8 @@ class ImageDownloader:
         self.pools = HttpPools(hosts_per_thread)
         self._conversions = threading.BoundedSemaphore(max_conversions or 2 * usable_cores())
 
-    def download(self, url: str, path: Path) -> str:
-        """Store the image at `url` as `path`; returns `ok` or a failure reason.
+    def convert(self, url: str, _target: object = None) -> ConvertedImage | str:
+        """The image at `url`, converted (see `convert_image`), or a failure reason.
 
         Anything a remote server sends fails only its own row; an OSError that no later row can
         escape (see `FATAL_ERRNOS`) is raised, to stop the run.
@@ -143,15 +164,21 @@ class ImageDownloader:
             with self._conversions:
                 if self.stop.is_set():  # interrupted while waiting its turn
                     return INTERRUPTED
-                jpeg = to_training_jpeg(fetched.data, self.options.short_side, self.options.max_pixels)
+                return convert_image(fetched.data, self.options.short_side, self.options.max_pixels)
         except RejectedError as error:
             return error.reason
         except Exception as error:  # a library bug tripped by one odd response must not end a long run
             if isinstance(error, OSError) and error.errno in FATAL_ERRNOS:
                 raise
             return "unexpected_error"
+
+    def download(self, url: str, path: Path) -> str:
+        """Store the image at `url` as `path`; returns `ok` or a failure reason (as `convert`)."""
+        converted = self.convert(url)
+        if isinstance(converted, str):
+            return converted
         try:
-            store_image(path, jpeg)
+            store_image(path, converted.jpeg)
         except OSError as error:
             if error.errno in FATAL_ERRNOS:
                 raise
@@ -160,20 +187,24 @@ class ImageDownloader:
 
 
 def download_rows(
-    tasks: Iterable[tuple[dict[str, str], str, Path | str]],
+    tasks: Iterable[tuple[Any, str, Any]],
     downloader: ImageDownloader,
     threads: int,
-    record: Callable[[dict[str, str], str], None],
+    record: Callable[[Any, Any], None],
+    work: Callable[[str, Any], Any] | None = None,
 ) -> bool:
-    """Download `(row, url, path_or_outcome)` tasks in `threads` threads, calling `record(row, outcome)`.
+    """Download `(row, url, target)` tasks in `threads` threads, calling `record(row, outcome)`.
 
-    A task whose third item is a string is already decided (`skipped` or a failure reason) and is
-    recorded without a request. At most `2 * threads` downloads are in flight, so memory stays
-    flat however long `tasks` is. On Ctrl-C, pending work is dropped, running downloads finish
-    or give up (`interrupted`, not recorded), and True is returned; otherwise False. An error
-    raised by a download (see `ImageDownloader.download`) stops the run and is re-raised.
+    Each task runs `work(url, target)` (default `downloader.download`: `target` is the path, the
+    outcome `ok` or a reason). A task whose target is a string is already decided (`skipped` or
+    a failure reason) and is recorded without a request. At most `2 * threads` downloads are in
+    flight, so memory stays flat however long `tasks` is. On Ctrl-C, pending work is dropped,
+    running downloads finish or give up (`interrupted`, not recorded), and True is returned;
+    otherwise False. An error raised by a download, or by `record` (see
+    `ImageDownloader.download`), stops the run and is re-raised.
     """
-    in_flight: dict[Future, dict[str, str]] = {}
+    work = work or downloader.download
+    in_flight: dict[Future, Any] = {}
 
     def record_done(futures: Iterable[Future]) -> None:
         for future in futures:
@@ -188,7 +219,7 @@ def download_rows(
                 if isinstance(target, str):
                     record(row, target)
                     continue
-                in_flight[executor.submit(downloader.download, url, target)] = row
+                in_flight[executor.submit(work, url, target)] = row
                 if len(in_flight) >= 2 * threads:
                     record_done(wait(in_flight, return_when=FIRST_COMPLETED).done)
             while in_flight:

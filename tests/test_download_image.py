@@ -33,6 +33,7 @@ import download_image
 from benchmarks import bench_download
 from datatools import resolve
 from datatools.download import (
+    ConvertedImage,
     ImageDownloader,
     plan_downloads,
     raise_open_file_limit,
@@ -410,7 +411,7 @@ def test_at_most_max_conversions_images_are_converted_at_once(server, tmp_path, 
     lock = threading.Lock()
     running, most = 0, 0
 
-    def slow_conversion(data: bytes, *args: object) -> bytes:
+    def slow_conversion(data: bytes, *args: object) -> ConvertedImage:
         nonlocal running, most
         with lock:
             running += 1
@@ -418,9 +419,9 @@ def test_at_most_max_conversions_images_are_converted_at_once(server, tmp_path, 
         time.sleep(0.05)
         with lock:
             running -= 1
-        return data
+        return ConvertedImage(data, 1, 1, 1, 1)
 
-    monkeypatch.setattr(datatools.download, "to_training_jpeg", slow_conversion)
+    monkeypatch.setattr(datatools.download, "convert_image", slow_conversion)
     downloader = ImageDownloader(DownloadOptions(timeout=1), max_conversions=2)
     with ThreadPoolExecutor(8) as executor:
         outcomes = list(
