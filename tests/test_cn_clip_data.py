@@ -1,0 +1,173 @@
+"""Chinese-CLIP data sets (tsv/jsonl and LMDB), read as cn_clip writes them; LMDBs built by its own script."""
+
+import base64
+import importlib.util
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from datatools.cn_clip_data import (
+    CnClipDataError,
+    LmdbData,
+    TsvJsonlData,
+    decode_base64,
+    open_cn_clip_data,
+)
+
+needs_lmdb = pytest.mark.skipif(importlib.util.find_spec("lmdb") is None, reason="needs lmdb")
+needs_cn_clip = pytest.mark.skipif(
+    importlib.util.find_spec("cn_clip") is None, reason="needs cn_clip: pip install --no-deps cn_clip six"
+)
+
+COLORS = [(220, 40, 40), (40, 170, 60), (40, 80, 220), (235, 200, 30)]
+TEXTS = [
+    {"text_id": 8, "text": "红色的方块", "image_ids": [1000]},
+    {"text_id": 9, "text": "两张图: 绿色和蓝色", "image_ids": [1001, 1002]},
+    {"text_id": 10, "text": "又一个红色", "image_ids": [1000]},
+]
+EXPECTED_PAIRS = [("红色的方块", "1000"), ("两张图: 绿色和蓝色", "1001"), ("两张图: 绿色和蓝色", "1002"),
+                  ("又一个红色", "1000")]  # fmt: skip
+
+
+def image_bytes(color) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (24, 24), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_cn_clip_split(directory: Path, split: str = "valid", texts=TEXTS, url_safe=(0, 2)) -> Path:
+    """`<split>_imgs.tsv` (images 1000..1003; rows in `url_safe` written in the URL-safe alphabet, as
+    Chinese-CLIP's own tools do, the others in the standard one) and `<split>_texts.jsonl`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for row, color in enumerate(COLORS):
+        encode = base64.urlsafe_b64encode if row in url_safe else base64.b64encode
+        lines.append(f"{1000 + row}\t{encode(image_bytes(color)).decode()}\n")
+    (directory / f"{split}_imgs.tsv").write_text("".join(lines), encoding="utf-8")
+    texts_path = directory / f"{split}_texts.jsonl"
+    texts_path.write_text("".join(json.dumps(t, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
+    return texts_path
+
+
+def build_lmdb_with_cn_clip(data_dir: Path, split: str = "valid") -> Path:
+    """cn_clip's own build_lmdb_dataset.py run on the tsv/jsonl split; the LMDB directory of the split."""
+    spec = importlib.util.find_spec("cn_clip")
+    script = Path(spec.origin).parent / "preprocess" / "build_lmdb_dataset.py"
+    subprocess.run([sys.executable, str(script), "--data_dir", str(data_dir), "--splits", split],
+                   check=True, capture_output=True)  # fmt: skip
+    return data_dir / "lmdb" / split
+
+
+def pairs_of(data) -> list[tuple[str, str]]:
+    return [data.pair(i) for i in range(len(data))]
+
+
+def test_tsv_jsonl_gives_one_pair_per_text_and_image(tmp_path):
+    data = TsvJsonlData(write_cn_clip_split(tmp_path))
+    assert pairs_of(data) == EXPECTED_PAIRS
+    assert [data.text_id(i) for i in range(len(data))] == ["8", "9", "9", "10"]
+    assert data.image_ids() == ["1000", "1001", "1002", "1003"]  # 1003 has no text: a candidate only
+
+
+def test_tsv_images_decode_in_both_base64_alphabets(tmp_path):
+    data = TsvJsonlData(write_cn_clip_split(tmp_path))
+    for row, color in enumerate(COLORS):
+        assert data.image_bytes(str(1000 + row)) == image_bytes(color)
+
+
+def test_decode_base64_reads_url_safe_and_standard_without_padding():
+    payload = bytes(range(256))
+    assert decode_base64(base64.urlsafe_b64encode(payload).rstrip(b"="), "x") == payload
+    assert decode_base64(base64.b64encode(payload).decode(), "x") == payload
+
+
+@needs_lmdb
+@needs_cn_clip
+def test_lmdb_built_by_cn_clip_reads_as_the_tsv_jsonl(tmp_path):
+    tsv_jsonl = TsvJsonlData(write_cn_clip_split(tmp_path))
+    lmdb_data = open_cn_clip_data(build_lmdb_with_cn_clip(tmp_path))
+    assert isinstance(lmdb_data, LmdbData)
+    assert pairs_of(lmdb_data) == pairs_of(tsv_jsonl)
+    assert [lmdb_data.text_id(i) for i in range(len(lmdb_data))] == ["8", "9", "9", "10"]
+    assert sorted(lmdb_data.image_ids()) == tsv_jsonl.image_ids()
+    for image_id in tsv_jsonl.image_ids():
+        assert lmdb_data.image_bytes(image_id) == tsv_jsonl.image_bytes(image_id)
+
+
+def test_broken_base64_names_the_tsv_line(tmp_path):
+    texts_path = write_cn_clip_split(tmp_path)
+    images = tmp_path / "valid_imgs.tsv"
+    lines = images.read_text().splitlines(keepends=True)
+    lines[2] = "1002\tnot*base64!\n"
+    images.write_text("".join(lines))
+    data = TsvJsonlData(texts_path)
+    with pytest.raises(CnClipDataError, match=r"valid_imgs\.tsv, line 3: the image is not valid base64"):
+        data.image_bytes("1002")
+
+
+def test_jsonl_line_that_is_not_json_names_the_line(tmp_path):
+    texts_path = write_cn_clip_split(tmp_path)
+    texts_path.write_text(texts_path.read_text() + '{"text_id": 11, "text": "坏\n', encoding="utf-8")
+    with pytest.raises(CnClipDataError, match=r"valid_texts\.jsonl, line 4: not JSON"):
+        TsvJsonlData(texts_path)
+
+
+def test_image_id_missing_from_the_tsv_names_the_line_and_id(tmp_path):
+    texts = [*TEXTS, {"text_id": 11, "text": "不存在", "image_ids": [4242]}]
+    texts_path = write_cn_clip_split(tmp_path, texts=texts)
+    with pytest.raises(CnClipDataError, match=r"line 4: image id 4242 is not in .*valid_imgs\.tsv"):
+        TsvJsonlData(texts_path)
+
+
+def test_jsonl_without_sibling_tsv_or_proper_name_is_refused(tmp_path):
+    texts_path = write_cn_clip_split(tmp_path)
+    (tmp_path / "valid_imgs.tsv").unlink()
+    with pytest.raises(CnClipDataError, match=r"valid_imgs\.tsv: no such file"):
+        TsvJsonlData(texts_path)
+    other = tmp_path / "captions.jsonl"
+    other.write_text("{}\n")
+    with pytest.raises(CnClipDataError, match=r"captions\.jsonl: a Chinese-CLIP text file is named"):
+        TsvJsonlData(other)
+
+
+def test_directory_without_imgs_and_pairs_is_not_a_cn_clip_lmdb(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    with pytest.raises(CnClipDataError, match=r"not a Chinese-CLIP LMDB directory \(no imgs/data.mdb, pairs"):
+        open_cn_clip_data(tmp_path)
+
+
+@needs_lmdb
+def test_lmdb_with_foreign_records_names_the_key(tmp_path):
+    import lmdb
+
+    for part, records in {
+        "imgs": {b"num_images": b"0"},
+        "pairs": {b"num_samples": b"1", b"0": json.dumps(["a", "b"]).encode()},
+    }.items():
+        with (
+            lmdb.open(str(tmp_path / part), map_size=1 << 20) as environment,
+            environment.begin(write=True) as txn,
+        ):
+            for key, value in records.items():
+                txn.put(key, value)
+    with pytest.raises(CnClipDataError, match=r"pairs, key 0: not a Chinese-CLIP pair"):
+        LmdbData(tmp_path)
+
+
+@needs_lmdb
+def test_lmdb_without_count_key_is_not_cn_clip(tmp_path):
+    import lmdb
+
+    for part in ("imgs", "pairs"):
+        with (
+            lmdb.open(str(tmp_path / part), map_size=1 << 20) as environment,
+            environment.begin(write=True) as txn,
+        ):
+            txn.put(b"something", b"else")
+    with pytest.raises(CnClipDataError, match=r"key num_samples is missing or not a number"):
+        LmdbData(tmp_path)
