@@ -1,8 +1,9 @@
-"""Model configuration for BertCLIP: a CLIP ViT image tower and a BERT text tower."""
+"""Model configuration for BertCLIP: a CLIP ViT image tower and a text tower (BERT or any text encoder)."""
 
 from typing import ClassVar, Literal
 
-from transformers import BertConfig, CLIPVisionConfig, PreTrainedConfig
+from transformers import AutoConfig, CLIPVisionConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
 
 TextPooling = Literal["cls", "pooler", "mean"]
 TEXT_POOLINGS = ("cls", "pooler", "mean")
@@ -12,7 +13,8 @@ class BertCLIPConfig(PreTrainedConfig):
     """Architecture of a BertCLIP model; training choices live in `component.training.arguments`.
 
     Args:
-        text_config: a `BertConfig` or its dict.
+        text_config: the text tower's config (`BertConfig`, `XLMRobertaConfig`, `ErnieConfig`, ...) or
+            its dict; a dict without "model_type" is a BERT config, as in every older checkpoint.
         vision_config: a `CLIPVisionConfig` or its dict.
         projection_dim: size of the shared image-text embedding space.
         logit_scale_init_value: initial log of the softmax temperature's inverse (ln(1/0.07)).
@@ -26,11 +28,11 @@ class BertCLIPConfig(PreTrainedConfig):
 
     model_type = "bert_clip"
     sub_configs_defaults: ClassVar[dict] = {
-        "text_config": BertConfig,
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="bert"),
         "vision_config": CLIPVisionConfig,
     }
 
-    text_config: dict | BertConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
     vision_config: dict | CLIPVisionConfig | None = None
     projection_dim: int = 512
     logit_scale_init_value: float = 2.6592

@@ -7,7 +7,6 @@ from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 from transformers import (
-    BertModel,
     ChineseCLIPConfig,
     ChineseCLIPImageProcessorPil,
     ChineseCLIPModel,
@@ -20,6 +19,7 @@ from transformers.utils import logging
 from component.configuration import BertCLIPConfig
 from component.errors import CheckpointError
 from component.processor import IMAGE_PROCESSOR_FILES, load_image_processor, load_processor, load_tokenizer
+from component.text_tower import build_text_tower
 
 logger = logging.get_logger(__name__)
 
@@ -147,6 +147,11 @@ def to_chinese_clip(model) -> ChineseCLIPModel:
     """
     _refuse_siglip(model)
     config = model.config
+    if config.text_config.model_type != "bert":
+        raise CheckpointError(
+            f"cannot export as ChineseCLIP: its text tower is BERT, this model's is "
+            f"{config.text_config.model_type!r}; keep it as a BertCLIP checkpoint"
+        )
     if config.text_pooling != "cls":
         raise ValueError(
             f"to_chinese_clip needs text_pooling='cls', this model uses {config.text_pooling!r}: "
@@ -205,17 +210,16 @@ def to_chinese_clip_processor(processor) -> ChineseCLIPProcessor:
 
 
 def save_text_tower(model, save_directory: str | Path, tokenizer=None) -> None:
-    """Write the text tower as a plain `BertModel` directory, with the tokenizer when one is known.
+    """Write the text tower as a plain directory of its own class (`BertModel`, `XLMRobertaModel`, ...)
+    that AutoModel loads, with the tokenizer when one is known.
 
-    With text_pooling "cls" the tower has no pooler: read `last_hidden_state[:, 0]` downstream.
+    With text_pooling "cls" the tower has no pooler: read `last_hidden_state[:, 0]` downstream (or
+    the masked mean of `last_hidden_state` with text_pooling "mean").
     The tokenizer is saved without a "processor_class": the directory has no image processor, so
     `AutoProcessor` (and sentence-transformers) must see a plain tokenizer.
     """
     tokenizer = tokenizer if tokenizer is not None else _tokenizer_beside(model)
-    tower = BertModel(
-        model.config.text_config,
-        add_pooling_layer=model.config.text_pooling == "pooler",
-    )
+    tower = build_text_tower(model.config.text_config, model.config.text_pooling)
     tower.load_state_dict(model.text_model.state_dict(), strict=True)
     tower.save_pretrained(save_directory)
     if tokenizer is not None:

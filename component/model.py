@@ -1,4 +1,4 @@
-"""BertCLIP: a CLIP ViT image tower and a Chinese BERT text tower projected into one space."""
+"""BertCLIP: a CLIP ViT image tower and a text tower (BERT or any text encoder) projected into one space."""
 
 from dataclasses import dataclass
 from pathlib import Path
@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import BertModel, CLIPModel, CLIPVisionModel, PreTrainedModel
+from transformers import CLIPModel, CLIPVisionModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput, logging
 
@@ -20,6 +20,7 @@ from component.interop import (
     unreadable_weights_error,
 )
 from component.loss import get_loss
+from component.text_tower import build_text_tower, load_text_tower, pool_text, takes_token_type_ids
 
 logger = logging.get_logger(__name__)
 
@@ -43,7 +44,10 @@ class BertCLIPOutput(ModelOutput):
 
 @dataclass
 class BertCLIPTextOutput(ModelOutput):
-    """Outputs of `BertCLIPTextModel.forward`; `text_embeds` are projected, not normalised."""
+    """Outputs of `BertCLIPTextModel.forward`; `text_embeds` are projected, not normalised.
+
+    `pooler_output` is None for a tower without a pooler (text_pooling "cls" or "mean").
+    """
 
     text_embeds: torch.FloatTensor | None = None
     last_hidden_state: torch.FloatTensor | None = None
@@ -105,25 +109,27 @@ class BertCLIPPreTrainedModel(PreTrainedModel):
         return (model, info) if want_info else model
 
 
-def build_text_tower(config: BertCLIPConfig) -> BertModel:
-    # BERT's pooler is only part of the model when it is used, so that ChineseCLIP
-    # checkpoints (which have none) load without missing weights.
-    return BertModel._from_config(config.text_config, add_pooling_layer=config.text_pooling == "pooler")
-
-
-def pool_text(config: BertCLIPConfig, text_outputs) -> torch.Tensor:
-    """The text tower's sentence vector, [batch, hidden], according to `config.text_pooling`."""
-    if config.text_pooling == "pooler":
-        return text_outputs.pooler_output
-    return text_outputs.last_hidden_state[:, 0, :]
+def encode_text(
+    model: "BertCLIPModel | BertCLIPTextModel",
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    token_type_ids: torch.Tensor | None,
+):
+    """The text tower's outputs and its pooled sentence vector [batch, hidden] (before projection)."""
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if model.text_takes_token_type_ids:
+        inputs["token_type_ids"] = token_type_ids
+    text_outputs = model.text_model(**inputs)
+    return text_outputs, pool_text(model.config.text_pooling, text_outputs, attention_mask)
 
 
 class BertCLIPModel(BertCLIPPreTrainedModel):
-    """CLIP ViT image tower + BERT text tower, each with a linear projection, trained contrastively."""
+    """CLIP ViT image tower + a text tower (BERT, RoBERTa, ERNIE, ...), each with a linear projection."""
 
     def __init__(self, config: BertCLIPConfig):
         super().__init__(config)
-        self.text_model = build_text_tower(config)
+        self.text_model = build_text_tower(config.text_config, config.text_pooling)
+        self.text_takes_token_type_ids = takes_token_type_ids(self.text_model)
         self.vision_model = CLIPVisionModel._from_config(config.vision_config)
         self.text_projection = nn.Linear(config.text_config.hidden_size, config.projection_dim, bias=False)
         self.visual_projection = nn.Linear(
@@ -164,13 +170,12 @@ class BertCLIPModel(BertCLIPPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Projected text features, [batch, projection_dim], NOT L2-normalised."""
-        text_outputs = self.text_model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-        )
-        return self.text_projection(pool_text(self.config, text_outputs))
+        """Projected text features, [batch, projection_dim], NOT L2-normalised.
+
+        `token_type_ids` reach only towers with several token types (not RoBERTa or XLM-R).
+        """
+        _, pooled = encode_text(self, input_ids, attention_mask, token_type_ids)
+        return self.text_projection(pooled)
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Projected image features, [batch, projection_dim], NOT L2-normalised."""
@@ -218,25 +223,26 @@ class BertCLIPModel(BertCLIPPreTrainedModel):
 
     @classmethod
     def from_vision_text_pretrained(
-        cls, clip_path: str, bert_path: str, **config_overrides
+        cls, clip_path: str, text_path: str, **config_overrides
     ) -> "BertCLIPModel":
-        """Start from a CLIPModel checkpoint (image side) and a BertModel checkpoint (text side).
+        """Start from a CLIPModel checkpoint (image side) and any text encoder checkpoint (text side).
 
         The vision tower, `visual_projection` and `logit_scale` come from `clip_path`; the text
-        tower from `bert_path`; `text_projection` is new. `config_overrides` go to `BertCLIPConfig`.
+        tower from `text_path` through AutoModel (BERT, RoBERTa, XLM-R, ERNIE, ...);
+        `text_projection` is new. `config_overrides` go to `BertCLIPConfig`.
         """
-        for path in (clip_path, bert_path):
+        for path in (clip_path, text_path):
             read_config_dict(path)  # a missing or mistyped path fails here, with its name
         clip = CLIPModel.from_pretrained(clip_path)
-        bert, bert_info = BertModel.from_pretrained(bert_path, output_loading_info=True)
-        report_loading_info("BERT tower", bert_path, bert_info)
+        text_tower, text_info = load_text_tower(text_path)
+        report_loading_info("text tower", text_path, text_info)
         settings = {
             "projection_dim": clip.config.projection_dim,
             "logit_scale_init_value": float(clip.logit_scale.item()),
             **config_overrides,
         }
         config = BertCLIPConfig(
-            text_config=bert.config.to_dict(),
+            text_config=text_tower.config.to_dict(),
             vision_config=clip.config.vision_config.to_dict(),
             **settings,
         )
@@ -250,14 +256,14 @@ class BertCLIPModel(BertCLIPPreTrainedModel):
         model.visual_projection.load_state_dict(clip.visual_projection.state_dict())
         with torch.no_grad():
             model.logit_scale.copy_(clip.logit_scale)
-        result = model.text_model.load_state_dict(bert.state_dict(), strict=False)
+        result = model.text_model.load_state_dict(text_tower.state_dict(), strict=False)
         if result.missing_keys:
-            raise CheckpointError(f"{bert_path} lacks text-tower weights: {result.missing_keys}")
+            raise CheckpointError(f"{text_path} lacks text-tower weights: {result.missing_keys}")
         if result.unexpected_keys:
             logger.warning(
-                f"Not used from {bert_path} (text_pooling={config.text_pooling!r}): {result.unexpected_keys}"
+                f"Not used from {text_path} (text_pooling={config.text_pooling!r}): {result.unexpected_keys}"
             )
-        model.name_or_path = str(bert_path)
+        model.name_or_path = str(text_path)
         return model
 
     def to_chinese_clip(self):
@@ -276,7 +282,7 @@ class BertCLIPModel(BertCLIPPreTrainedModel):
         save_chinese_clip(self, save_directory, processor)
 
     def save_text_tower(self, save_directory: str | Path, tokenizer=None) -> None:
-        """Write the BERT tower (and tokenizer) as a standalone `BertModel` directory."""
+        """Write the text tower (and tokenizer) as a standalone directory that AutoModel loads."""
         from component.interop import save_text_tower
 
         save_text_tower(self, save_directory, tokenizer)
@@ -289,7 +295,7 @@ class BertCLIPModel(BertCLIPPreTrainedModel):
 
 
 class BertCLIPTextModel(BertCLIPPreTrainedModel):
-    """The text half of BertCLIP (BERT + text projection); loads from a full BertCLIP checkpoint."""
+    """The text half of BertCLIP (text tower + text projection); loads from a full BertCLIP checkpoint."""
 
     _keys_to_ignore_on_load_unexpected: ClassVar[list[str]] = [
         r"^vision_model\.",
@@ -300,7 +306,8 @@ class BertCLIPTextModel(BertCLIPPreTrainedModel):
 
     def __init__(self, config: BertCLIPConfig):
         super().__init__(config)
-        self.text_model = build_text_tower(config)
+        self.text_model = build_text_tower(config.text_config, config.text_pooling)
+        self.text_takes_token_type_ids = takes_token_type_ids(self.text_model)
         self.text_projection = nn.Linear(config.text_config.hidden_size, config.projection_dim, bias=False)
         self.post_init()
 
@@ -311,14 +318,10 @@ class BertCLIPTextModel(BertCLIPPreTrainedModel):
         token_type_ids: torch.Tensor | None = None,
         **kwargs,
     ) -> BertCLIPTextOutput:
-        """Projected text embeddings plus BERT's own outputs."""
-        text_outputs = self.text_model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-        )
+        """Projected text embeddings plus the text tower's own outputs."""
+        text_outputs, pooled = encode_text(self, input_ids, attention_mask, token_type_ids)
         return BertCLIPTextOutput(
-            text_embeds=self.text_projection(pool_text(self.config, text_outputs)),
+            text_embeds=self.text_projection(pooled),
             last_hidden_state=text_outputs.last_hidden_state,
-            pooler_output=text_outputs.pooler_output,
+            pooler_output=getattr(text_outputs, "pooler_output", None),
         )

@@ -1,4 +1,4 @@
-"""One processor (BERT tokenizer + CLIP image processor) and the shared encoding helpers."""
+"""One processor (the text tower's tokenizer + CLIP image processor) and the shared encoding helpers."""
 
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +10,6 @@ from PIL import Image
 from transformers import (
     AutoImageProcessor,
     AutoTokenizer,
-    BertTokenizerFast,
     ChineseCLIPProcessor,
     PreTrainedTokenizerFast,
     VisionTextDualEncoderProcessor,
@@ -21,10 +20,11 @@ from component.errors import CheckpointError
 from datatools.images import MAX_PIXELS, load_rgb
 
 
-def build_processor(clip_path: str | Path, bert_path: str | Path) -> VisionTextDualEncoderProcessor:
-    """The tokenizer from the BERT checkpoint and the image processor from the CLIP checkpoint."""
+def build_processor(clip_path: str | Path, text_path: str | Path) -> VisionTextDualEncoderProcessor:
+    """The tokenizer of the text tower's checkpoint (any, through AutoTokenizer) and the image
+    processor of the CLIP checkpoint."""
     image_processor = AutoImageProcessor.from_pretrained(str(clip_path), backend="pil")
-    tokenizer = BertTokenizerFast.from_pretrained(str(bert_path))
+    tokenizer = load_tokenizer(text_path)
     return VisionTextDualEncoderProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 

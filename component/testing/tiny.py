@@ -1,11 +1,12 @@
 """Tiny local stand-ins for the pretrained towers, for tests, the offline demo and benchmarks.
 
 Nothing here touches the model hub: the vocabulary is the CJK Unified Ideographs block plus
-ASCII and Chinese punctuation, and the towers are random and small.
+ASCII and Chinese punctuation, and the towers (CLIP, BERT, XLM-RoBERTa, ERNIE) are random and small.
 """
 
 from pathlib import Path
 
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import (
     BertConfig,
     BertModel,
@@ -13,6 +14,11 @@ from transformers import (
     CLIPConfig,
     CLIPImageProcessorPil,
     CLIPModel,
+    ErnieConfig,
+    ErnieModel,
+    PreTrainedTokenizerFast,
+    XLMRobertaConfig,
+    XLMRobertaModel,
 )
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -59,6 +65,77 @@ def write_tiny_bert(directory: str | Path, hidden_size: int = 32, layers: int = 
     return directory
 
 
+def _tiny_encoder_settings(hidden_size: int, layers: int) -> dict:
+    return dict(
+        hidden_size=hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=hidden_size * 2,
+    )
+
+
+# XLM-R's special tokens and their ids (<mask> is the last id, as in XLM-R).
+ROBERTA_SPECIAL_TOKENS = {"bos_token": "<s>", "pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}
+
+
+def write_roberta_tokenizer(directory: str | Path) -> PreTrainedTokenizerFast:
+    """A fast XLM-R-style tokenizer over the Chinese vocabulary: <s> text </s>, no token types.
+
+    WordPiece over `chinese_vocabulary()` stands in for XLM-R's sentencepiece model, which cannot
+    be built offline; the special tokens, their ids and the templates are XLM-R's.
+    """
+    specials = list(ROBERTA_SPECIAL_TOKENS.values())
+    vocabulary = specials + chinese_vocabulary()[len(SPECIAL_TOKENS) :] + ["<mask>"]
+    backend = Tokenizer(models.WordPiece({token: i for i, token in enumerate(vocabulary)}, unk_token="<unk>"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True, handle_chinese_chars=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+    backend.decoder = decoders.WordPiece()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        **ROBERTA_SPECIAL_TOKENS,
+        cls_token="<s>",
+        sep_token="</s>",
+        mask_token="<mask>",
+        model_input_names=["input_ids", "attention_mask"],
+    )
+    tokenizer.save_pretrained(str(directory))
+    return tokenizer
+
+
+def write_tiny_roberta(directory: str | Path, hidden_size: int = 32, layers: int = 2) -> Path:
+    """A random XLMRobertaModel (one token type, padding-aware positions) plus its tokenizer."""
+    directory = Path(directory)
+    tokenizer = write_roberta_tokenizer(directory)
+    config = XLMRobertaConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=130,  # XLM-R positions start after the padding id
+        type_vocab_size=1,
+        bos_token_id=tokenizer.bos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **_tiny_encoder_settings(hidden_size, layers),
+    )
+    XLMRobertaModel(config).save_pretrained(str(directory))
+    return directory
+
+
+def write_tiny_ernie(directory: str | Path, hidden_size: int = 32, layers: int = 2) -> Path:
+    """A random ErnieModel (ERNIE 3.0's 4 token types and task ids) plus the Chinese BERT tokenizer."""
+    directory = Path(directory)
+    tokenizer = write_chinese_tokenizer(directory)
+    config = ErnieConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=128,
+        type_vocab_size=4,
+        use_task_id=True,
+        task_type_vocab_size=3,
+        **_tiny_encoder_settings(hidden_size, layers),
+    )
+    ErnieModel(config).save_pretrained(str(directory))
+    return directory
+
+
 def write_tiny_clip(
     directory: str | Path,
     image_size: int = 30,
@@ -98,13 +175,15 @@ def write_tiny_clip(
     return directory
 
 
-def write_bert_clip(directory: str | Path, clip_path: str | Path, bert_path: str | Path) -> Path:
+def write_bert_clip(
+    directory: str | Path, clip_path: str | Path, text_path: str | Path, **config_overrides
+) -> Path:
     """A BertCLIP checkpoint started from two tower checkpoints, saved with its processor."""
     from component.model import BertCLIPModel
     from component.processor import build_processor
 
     directory = Path(directory)
-    model = BertCLIPModel.from_vision_text_pretrained(str(clip_path), str(bert_path))
+    model = BertCLIPModel.from_vision_text_pretrained(str(clip_path), str(text_path), **config_overrides)
     model.save_pretrained(directory)
-    build_processor(clip_path, bert_path).save_pretrained(directory)
+    build_processor(clip_path, text_path).save_pretrained(directory)
     return directory
