@@ -4,9 +4,12 @@
     python predict_similarity.py --model_name_or_path DIR --images_dir photos --labels 猫 狗 鸟 --top_k 1
     python predict_similarity.py --model_name_or_path DIR --texts_file sentences.txt --json
 
-For each query the candidates are ranked by cosine similarity, with the softmax probability over
-the candidates of cosine * exp(logit_scale) (the model's own logits). In text-text and image-image
-mode every input is scored against every other, and a self-match gets probability 0.
+For each query the candidates are ranked by cosine similarity, with a probability that follows the
+loss the model was trained with. A CLIP model (softmax loss): the softmax over the candidates of
+cosine * exp(logit_scale), the model's own logits, so each query's probabilities sum to 1. A SigLIP
+model (sigmoid loss, it has a logit bias): the match probability of each pair on its own,
+sigmoid(cosine * exp(logit_scale) + logit_bias). The JSON says which ("probability"). In text-text
+and image-image mode every input is scored against every other, and a self-match gets probability 0.
 
 Output cut short by the reader (`... | head`) ends the script quietly with exit status 141, as
 for any Unix tool killed by SIGPIPE (128 + 13), so `set -o pipefail` scripts see what they expect.
@@ -16,28 +19,27 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
-
-import torch
 
 from component.cli import list_images, pick_device, positive_int
 from component.encoding import (
+    MODES,
     ZERO_SHOT_TEMPLATES,
     InputError,
+    Mode,
+    Scores,
     check_templates,
     class_embeddings,
     encode_images,
     encode_texts,
     load_model_and_processor,
-    similarity_scores,
+    logit_bias_of,
+    score_embeddings,
+    scores_document,
     top_candidates,
 )
 from datatools.errors import report_user_errors
 
-Mode = Literal["image-text", "text-text", "image-image"]
-MODES: tuple[Mode, ...] = ("image-text", "text-text", "image-image")
 SIGPIPE_EXIT_STATUS = 141  # 128 + SIGPIPE (13): what a shell reports for a tool its reader closed on
 
 
@@ -137,19 +139,6 @@ def choose_mode(requested: Mode | None, texts: list[str], images: list[str], lab
     return requested
 
 
-@dataclass
-class Scores:
-    """Every query scored against every candidate."""
-
-    mode: Mode
-    queries: list[str]
-    candidates: list[str]
-    cosine: torch.Tensor  # [n_queries, n_candidates]
-    probs: torch.Tensor  # [n_queries, n_candidates]
-    exclude_self: bool
-    templates: list[str] | None = None  # the prompt templates, for zero-shot labels
-
-
 def score(
     model, processor, args: argparse.Namespace, mode: Mode, texts: list[str], images: list[str]
 ) -> Scores:
@@ -172,27 +161,17 @@ def score(
     else:
         query_embeds = encode_images(model, processor, images, progress=bool(args.images_dir), **options)
         candidate_embeds, queries, candidates = query_embeds, images, images
-    exclude_self = mode != "image-text"
-    cosine, probs = similarity_scores(
-        query_embeds, candidate_embeds, model.logit_scale.detach().cpu(), exclude_self
+    logit_scale = model.logit_scale.detach().cpu()
+    return score_embeddings(
+        mode,
+        queries,
+        candidates,
+        query_embeds,
+        candidate_embeds,
+        logit_scale,
+        logit_bias_of(model),
+        templates,
     )
-    return Scores(mode, queries, candidates, cosine, probs, exclude_self, templates)
-
-
-def to_json(scores: Scores, top_k: int) -> dict:
-    """The JSON document: mode, queries, candidates, the full cosine and probs matrices, and the
-    indices of each query's `top_k` best candidates ("top_k"); "templates" for zero-shot labels."""
-    document = {
-        "mode": scores.mode,
-        "queries": scores.queries,
-        "candidates": scores.candidates,
-        "cosine": scores.cosine.tolist(),
-        "probs": scores.probs.tolist(),
-        "top_k": top_candidates(scores.cosine, top_k, scores.exclude_self).tolist(),
-    }
-    if scores.templates is not None:
-        document["templates"] = scores.templates
-    return document
 
 
 def format_rankings(scores: Scores, top_k: int) -> str:
@@ -221,7 +200,7 @@ def run(args: argparse.Namespace) -> None:
     model, processor = load_model_and_processor(args.model_name_or_path, device)
     scores = score(model, processor, args, mode, texts, images)
     if args.json:
-        print(json.dumps(to_json(scores, args.top_k), ensure_ascii=False))
+        print(json.dumps(scores_document(scores, args.top_k), ensure_ascii=False))
     else:
         print(format_rankings(scores, args.top_k))
 

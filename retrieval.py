@@ -6,10 +6,14 @@
     python retrieval.py search --index photos_index --image query.jpg --json
     python retrieval.py serve --index photos_index --port 8000
     python retrieval.py serve --index photos_index --host 0.0.0.0 --allowed_hosts photos.lan,192.168.1.20
+    python retrieval.py serve --index photos_index --backend onnx --onnx_dir photos_onnx
 
 `index` encodes every image once and stores the embeddings, a metadata table and a faiss index;
 run it again on a grown folder and only the new images are encoded. `search` and `serve` load the
 model recorded in the index and rank the indexed images by cosine similarity to the query.
+`serve` runs the search page and a JSON API (FastAPI on uvicorn; reference at /docs), its queries
+encoded by the PyTorch model or, with --backend onnx, by ONNX Runtime from an export_onnx.py
+directory of the same model.
 """
 
 import argparse
@@ -21,7 +25,7 @@ from component.cli import pick_device, positive_int
 from component.errors import InputError
 from component.retrieval.images import images_in_csv, images_in_directory
 from component.retrieval.index import RetrievalIndex, SearchResult, results_document
-from component.retrieval.server import serve
+from component.retrieval.query_encoders import BACKENDS
 from component.retrieval.store import EMBEDDING_DTYPES
 from component.retrieval.vectors import INDEX_TYPES
 from datatools.errors import report_user_errors
@@ -60,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     search.add_argument("--top_k", type=positive_int, default=10, help="results to print")
     search.add_argument("--json", action="store_true", help='print {"query": ..., "results": [...]}')
 
-    page = commands.add_parser("serve", help="a search page in the browser")
+    page = commands.add_parser("serve", help="a search page in the browser and a JSON API")
     page.add_argument("--index", type=Path, required=True, help="an index directory made by `index`")
     page.add_argument(
         "--host", default="127.0.0.1", help="the address to listen on (default: this machine only)"
@@ -72,6 +76,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="comma-separated host names (or addresses) the page may be opened by, besides localhost, "
         "127.0.0.1, [::1] and --host; other Host headers are refused (403), which stops DNS rebinding; "
         '"*" answers any name (only behind a proxy that checks the Host header)',
+    )
+    page.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="torch",
+        help="what encodes queries: the PyTorch model, or ONNX Runtime (needs --onnx_dir)",
+    )
+    page.add_argument(
+        "--onnx_dir", type=Path, help="with --backend onnx: export_onnx.py's output for the index's model"
     )
     for command in (search, page):
         command.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
@@ -136,11 +149,16 @@ def run_search(args: argparse.Namespace) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> None:
-    """Load the index and its model, then serve the search page until interrupted."""
-    device = pick_device(args.device)
+    """Load the index and its query encoder, then serve the page and the API until interrupted."""
+    try:
+        from component.retrieval.server import serve  # the optional [serve] packages
+    except ImportError as error:
+        raise InputError(f"serve needs FastAPI and uvicorn ({error}): pip install '.[serve]'") from error
+    if args.backend == "onnx" and args.device == "cuda":
+        raise InputError("--backend onnx runs on the CPU; leave out --device cuda")
+    device = pick_device("cpu" if args.backend == "onnx" else args.device)
     index = RetrievalIndex.load(args.index, args.model_name_or_path, device, memory_map=False)
-    index.load_model()
-    serve(index, args.host, args.port, allowed_hosts=args.allowed_hosts)
+    serve(index, args.host, args.port, args.allowed_hosts, args.backend, args.onnx_dir)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,7 +8,9 @@ images), so an embedding never depends on which tool computed it.
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -211,25 +213,56 @@ def class_embeddings(
     return F.normalize(prompt_embeds.mean(dim=1), dim=-1)
 
 
+def logit_bias_of(model: torch.nn.Module) -> float | None:
+    """The model's logit bias as a float (a SigLIP model), or None (a CLIP model, softmax scores)."""
+    bias = getattr(model, "logit_bias", None)
+    return None if bias is None else float(torch.as_tensor(bias).detach().float().cpu().item())
+
+
+def probability_kind(logit_bias: float | torch.Tensor | None) -> Literal["softmax", "sigmoid"]:
+    """How scores become probabilities: "sigmoid" for a model with a logit bias, else "softmax"."""
+    return "softmax" if logit_bias is None else "sigmoid"
+
+
+def match_probabilities(
+    cosine: torch.Tensor,
+    logit_scale: float | torch.Tensor,
+    logit_bias: float | torch.Tensor | None = None,
+    exclude_self: bool = False,
+) -> torch.Tensor:
+    """Probabilities from cosine similarities [n_queries, n_candidates], as the model's loss reads them.
+
+    A CLIP model (no `logit_bias`) was trained with a softmax over the candidates: each row is the
+    softmax of cosine * exp(logit_scale) and sums to 1. A SigLIP model (with a bias) was trained to
+    call each pair a match or not: each entry is sigmoid(cosine * exp(logit_scale) + logit_bias),
+    independent of the other candidates. With `exclude_self` (queries and candidates are the same
+    list) a query's match with itself gets probability 0.
+    """
+    logits = cosine.float() * torch.as_tensor(logit_scale, dtype=torch.float32).exp()
+    if exclude_self and (cosine.shape[0] != cosine.shape[1] or cosine.shape[0] < 2):
+        shape = tuple(cosine.shape)
+        raise InputError(f"excluding self-matches needs 2 or more of the same inputs, got {shape}")
+    if logit_bias is not None:
+        probs = torch.sigmoid(logits + torch.as_tensor(logit_bias, dtype=torch.float32))
+        return probs.masked_fill(torch.eye(len(cosine), dtype=torch.bool), 0.0) if exclude_self else probs
+    if exclude_self:
+        logits = logits.masked_fill(torch.eye(len(cosine), dtype=torch.bool), float("-inf"))
+    return logits.softmax(dim=-1)
+
+
 def similarity_scores(
     query_embeds: torch.Tensor,
     candidate_embeds: torch.Tensor,
     logit_scale: float | torch.Tensor,
     exclude_self: bool = False,
+    logit_bias: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cosine similarities and softmax probabilities, both [n_queries, n_candidates].
+    """Cosine similarities and match probabilities (`match_probabilities`), both [n_queries, n_candidates].
 
-    The probabilities are the softmax over each query's candidates of cosine * exp(logit_scale),
-    the model's own logits. With `exclude_self` (queries and candidates are the same list), a
-    query's match with itself gets probability 0; its cosine stays in the matrix.
+    With `exclude_self` a query's match with itself gets probability 0; its cosine stays in the matrix.
     """
     cosine = query_embeds.float() @ candidate_embeds.float().T  # [n_queries, n_candidates]
-    logits = cosine * torch.as_tensor(logit_scale, dtype=torch.float32).exp()
-    if exclude_self:
-        if cosine.shape[0] != cosine.shape[1] or cosine.shape[0] < 2:
-            raise InputError(f"excluding self-matches needs 2 or more of the same inputs, got {cosine.shape}")
-        logits = logits.masked_fill(torch.eye(len(cosine), dtype=torch.bool), float("-inf"))
-    return cosine, logits.softmax(dim=-1)
+    return cosine, match_probabilities(cosine, logit_scale, logit_bias, exclude_self)
 
 
 def top_candidates(cosine: torch.Tensor, top_k: int, exclude_self: bool = False) -> torch.Tensor:
@@ -244,3 +277,56 @@ def top_candidates(cosine: torch.Tensor, top_k: int, exclude_self: bool = False)
         scores = cosine.masked_fill(torch.eye(len(cosine), dtype=torch.bool), float("-inf"))
     available = cosine.shape[1] - (1 if exclude_self else 0)
     return scores.topk(min(top_k, available), dim=-1).indices
+
+
+Mode = Literal["image-text", "text-text", "image-image"]
+MODES: tuple[Mode, ...] = ("image-text", "text-text", "image-image")
+
+
+@dataclass
+class Scores:
+    """Every query scored against every candidate, as predict_similarity.py and the service report it."""
+
+    mode: Mode
+    queries: list[str]
+    candidates: list[str]
+    cosine: torch.Tensor  # [n_queries, n_candidates]
+    probs: torch.Tensor  # [n_queries, n_candidates]
+    exclude_self: bool
+    probability: Literal["softmax", "sigmoid"] = "softmax"
+    templates: list[str] | None = None  # the prompt templates, for zero-shot labels
+
+
+def score_embeddings(
+    mode: Mode,
+    queries: list[str],
+    candidates: list[str],
+    query_embeds: torch.Tensor,
+    candidate_embeds: torch.Tensor,
+    logit_scale: float | torch.Tensor,
+    logit_bias: float | torch.Tensor | None = None,
+    templates: list[str] | None = None,
+) -> Scores:
+    """Score encoded queries against encoded candidates; same-modality modes exclude self-matches."""
+    exclude_self = mode != "image-text"
+    cosine, probs = similarity_scores(query_embeds, candidate_embeds, logit_scale, exclude_self, logit_bias)
+    kind = probability_kind(logit_bias)
+    return Scores(mode, queries, candidates, cosine, probs, exclude_self, kind, templates)
+
+
+def scores_document(scores: Scores, top_k: int) -> dict:
+    """The JSON document: mode, how probabilities are computed ("softmax" or "sigmoid"), queries,
+    candidates, the full cosine and probs matrices, and the indices of each query's `top_k` best
+    candidates ("top_k"); "templates" for zero-shot labels."""
+    document = {
+        "mode": scores.mode,
+        "probability": scores.probability,
+        "queries": scores.queries,
+        "candidates": scores.candidates,
+        "cosine": scores.cosine.tolist(),
+        "probs": scores.probs.tolist(),
+        "top_k": top_candidates(scores.cosine, top_k, scores.exclude_self).tolist(),
+    }
+    if scores.templates is not None:
+        document["templates"] = scores.templates
+    return document

@@ -1,5 +1,6 @@
 """The shared encoding helpers against the model's own features and hand-computed scores."""
 
+import math
 import re
 import shutil
 
@@ -14,6 +15,8 @@ from component.encoding import (
     encode_images,
     encode_texts,
     load_model_and_processor,
+    match_probabilities,
+    probability_kind,
     prompts,
     similarity_scores,
     top_candidates,
@@ -127,6 +130,26 @@ def test_similarity_scores_exclude_the_self_match():
     others = ~torch.eye(4, dtype=torch.bool)
     expected = (cosine[others].view(4, 3) * torch.tensor(3.0).exp()).softmax(dim=-1)
     torch.testing.assert_close(probs[others].view(4, 3), expected)
+
+
+def test_match_probabilities_follow_the_loss_softmax_without_a_bias_sigmoid_with_one():
+    torch.manual_seed(0)
+    cosine = torch.rand(3, 4) * 2 - 1
+    softmax = match_probabilities(cosine, 2.0)
+    torch.testing.assert_close(softmax, (cosine * math.exp(2.0)).softmax(dim=-1))
+    sigmoid = match_probabilities(cosine, 2.0, logit_bias=-3.0)
+    by_hand = [
+        [1 / (1 + math.exp(-(math.exp(2.0) * value - 3.0))) for value in row] for row in cosine.tolist()
+    ]
+    torch.testing.assert_close(sigmoid, torch.tensor(by_hand))
+    assert probability_kind(None) == "softmax" and probability_kind(-3.0) == "sigmoid"
+
+
+def test_sigmoid_probabilities_exclude_the_self_match_and_leave_the_others_alone():
+    cosine = torch.tensor([[1.0, 0.2, -0.5], [0.2, 1.0, 0.1], [-0.5, 0.1, 1.0]])
+    probs = match_probabilities(cosine, 1.0, -1.0, exclude_self=True)
+    expected = torch.sigmoid(cosine * math.e - 1.0).fill_diagonal_(0.0)
+    torch.testing.assert_close(probs, expected)
 
 
 def test_top_candidates_skip_the_self_match_and_cap_k():

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from _service import write_siglip_checkpoint
 from PIL import Image, ImageDraw
 
 import predict_similarity
@@ -139,6 +140,25 @@ def test_zero_shot_picks_the_label_with_the_closest_prompt_embedding(capsys, tin
     torch.testing.assert_close(torch.tensor(document["cosine"]), expected, atol=TOLERANCE, rtol=0)
 
 
+@pytest.fixture(scope="module")
+def siglip_checkpoint(tiny_checkpoint, tmp_path_factory):
+    """The tiny model with a logit bias: a SigLIP model."""
+    return write_siglip_checkpoint(tiny_checkpoint, tmp_path_factory.mktemp("siglip"), 2.3, -4.0)
+
+
+@pytest.mark.parametrize("mode", ["image-text", "text-text"])
+def test_a_siglip_model_reports_sigmoid_match_probabilities(capsys, siglip_checkpoint, images, mode):
+    inputs = ["--images", *images, "--texts", *TEXTS] if mode == "image-text" else ["--texts", *TEXTS]
+    document = run_json(capsys, "--model_name_or_path", siglip_checkpoint, *inputs)
+    assert (document["mode"], document["probability"]) == (mode, "sigmoid")
+    cosine, probs = torch.tensor(document["cosine"]), torch.tensor(document["probs"])
+    expected = torch.sigmoid(cosine * torch.tensor(2.3).exp() - 4.0)  # each pair on its own
+    if mode == "text-text":
+        expected.fill_diagonal_(0.0)  # the self-match
+    torch.testing.assert_close(probs, expected, atol=TOLERANCE, rtol=0)
+    assert not torch.allclose(probs.sum(dim=-1), torch.ones(len(probs)))  # not a softmax
+
+
 def test_json_document_schema(capsys, tiny_checkpoint, images):
     document = run_json(
         capsys,
@@ -151,8 +171,8 @@ def test_json_document_schema(capsys, tiny_checkpoint, images):
         "--top_k",
         3,
     )
-    assert set(document) == {"mode", "queries", "candidates", "cosine", "probs", "top_k"}
-    assert document["mode"] == "image-text"
+    assert set(document) == {"mode", "probability", "queries", "candidates", "cosine", "probs", "top_k"}
+    assert (document["mode"], document["probability"]) == ("image-text", "softmax")
     assert document["queries"] == images[:2] and document["candidates"] == TEXTS
     for matrix in ("cosine", "probs"):
         assert len(document[matrix]) == 2

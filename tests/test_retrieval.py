@@ -10,17 +10,14 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote
 
 import numpy as np
 import pytest
 import torch
+from _service import fetch, limits, service_module, serving
 from PIL import Image, ImageFile
 
 import retrieval
@@ -31,10 +28,9 @@ from component.errors import InputError
 from component.retrieval import images as retrieval_images
 from component.retrieval import index as retrieval_component
 from component.retrieval import served_images as retrieval_served_images
-from component.retrieval import server as retrieval_server
 from component.retrieval import store as retrieval_store
 from component.retrieval.index import RetrievalIndex
-from component.retrieval.server import RetrievalServer, ServedIndex
+from component.retrieval.served_index import ServedIndex
 from component.retrieval.store import LOCK_FILE, index_lock, read_info
 from component.testing.tiny import write_bert_clip
 from datatools.atomic import write_json_atomic
@@ -578,40 +574,15 @@ def test_an_index_with_a_missing_data_file_is_an_error(capsys, tmp_path, built_i
 # --- the web API ---
 
 
-@contextmanager
-def serving(index_dir: Path) -> Iterator[RetrievalServer]:
-    """The search page's server for an index directory, on a free loopback port."""
-    server = RetrievalServer(RetrievalIndex.load(index_dir, device="cpu"), "127.0.0.1", 0, log_requests=False)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 @pytest.fixture(scope="module")
 def server(built_index):
-    """The search page's server for `built_index`."""
+    """The search service for `built_index`."""
     with serving(built_index) as server:
         yield server
 
 
-def fetch(server: RetrievalServer, path: str, body: bytes | None = None) -> tuple[int, bytes, str]:
-    """Status, body and content type of a request to the server."""
-    request = urllib.request.Request(
-        server.url.rstrip("/") + path, data=body, method="POST" if body else "GET"
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, response.read(), response.headers["Content-Type"]
-    except urllib.error.HTTPError as error:
-        return error.code, error.read(), error.headers["Content-Type"]
-
-
 def test_api_text_search_equals_the_search_command(capsys, server, built_index):
-    status, body, content_type = fetch(server, "/api/search?top_k=5&text=" + quote("红色的汽车停在路边"))
+    status, body, content_type = fetch(server, "/api/search?top_k=5&q=" + quote("红色的汽车停在路边"))
     assert (status, content_type) == (200, "application/json")
     assert json.loads(body) == search_json(
         capsys, built_index, "--text", "红色的汽车停在路边", "--top_k", "5"
@@ -654,20 +625,27 @@ def test_a_symbolic_link_out_of_the_folder_is_indexed_but_not_served(tmp_path, t
     assert served.indexed_file("link.png") is None
 
 
+@pytest.fixture(scope="module")
+def small_upload_server(built_index):
+    """The service with its upload cap lowered to 1,000 bytes."""
+    with serving(built_index, limits=limits(max_upload_bytes=1000)) as server:
+        yield server
+
+
 @pytest.mark.parametrize(
     ("path", "body", "status"),
     [
-        ("/api/search?text=" + quote("猫") + "&top_k=0", None, 400),
-        ("/api/search?text=" + quote("猫") + "&top_k=many", None, 400),
-        ("/api/search?text=", None, 400),
+        ("/api/search?q=" + quote("猫") + "&top_k=0", None, 422),
+        ("/api/search?q=" + quote("猫") + "&top_k=many", None, 422),
+        ("/api/search?q=", None, 422),
+        ("/api/search?q=%20", None, 400),
         ("/api/search_image", b"not an image", 400),
         ("/api/search_image", b"x" * 1001, 413),  # the cap is lowered to 1,000 bytes
         ("/nothing", None, 404),
     ],
 )
-def test_bad_api_requests_get_json_errors(server, monkeypatch, path, body, status):
-    monkeypatch.setattr(retrieval_server, "MAX_UPLOAD_BYTES", 1000)
-    got_status, got_body, content_type = fetch(server, path, body)
+def test_bad_api_requests_get_json_errors(small_upload_server, path, body, status):
+    got_status, got_body, content_type = fetch(small_upload_server, path, body)
     assert (got_status, content_type) == (status, "application/json")
     assert json.loads(got_body)["error"]
 
@@ -737,7 +715,8 @@ def test_uploads_are_decoded_and_searched_two_at_a_time(server, monkeypatch):
             decoding.remove(body)
         raise InputError("not searched")
 
-    monkeypatch.setattr(retrieval_server, "read_uploaded_image", slow_read_uploaded_image)
+    retrieval_service = service_module()
+    monkeypatch.setattr(retrieval_service, "read_uploaded_image", slow_read_uploaded_image)
     statuses = []
     uploads = [
         threading.Thread(target=lambda: statuses.append(fetch(server, "/api/search_image", b"x")[0]))
@@ -747,15 +726,15 @@ def test_uploads_are_decoded_and_searched_two_at_a_time(server, monkeypatch):
         upload.start()
     for upload in uploads:
         upload.join(60)
-    assert statuses == [400] * 5 and max(most) == retrieval_server.IMAGES_DECODED_AT_ONCE
+    assert statuses == [400] * 5 and max(most) == retrieval_service.IMAGES_DECODED_AT_ONCE
 
 
 # --- the server after a later index run ---
 
 
-def api_filenames(server: RetrievalServer, text: str = "一只猫", top_k: int = 20) -> list[str]:
+def api_filenames(server, text: str = "一只猫", top_k: int = 20) -> list[str]:
     """The filenames the text search API ranks, best first."""
-    status, body, _ = fetch(server, f"/api/search?top_k={top_k}&text=" + quote(text))
+    status, body, _ = fetch(server, f"/api/search?top_k={top_k}&q=" + quote(text))
     assert status == 200
     return [result["filename"] for result in json.loads(body)["results"]]
 

@@ -5,16 +5,19 @@ installs both. Playwright launches the system chromium and never downloads a bro
 """
 
 import json
-import threading
 from pathlib import Path
 
 import pytest
+
+pytest.importorskip("fastapi", reason="the [serve] extra is not installed")
+pytest.importorskip("uvicorn", reason="the [serve] extra is not installed")
+from _service import serving
 from test_retrieval import IMAGE_NAMES, draw_images
 
 import retrieval
+from component.retrieval.api_models import DEFAULT_TOP_K
 from component.retrieval.images import images_in_directory
 from component.retrieval.index import RetrievalIndex
-from component.retrieval.server import DEFAULT_TOP_K, RetrievalServer
 
 sync_api = pytest.importorskip(
     "playwright.sync_api",
@@ -55,13 +58,9 @@ def index_dir(tiny_checkpoint, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server_url(index_dir):
-    """The search page served from a thread on a free loopback port."""
-    server = RetrievalServer(RetrievalIndex.load(index_dir, device="cpu"), "127.0.0.1", 0, log_requests=False)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server.url
-    server.shutdown()
-    server.server_close()
+    """The search service served from a thread on a free loopback port."""
+    with serving(index_dir) as server:
+        yield server.url
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +131,13 @@ def test_the_content_security_policy_lets_the_pages_own_script_and_style_run(pag
     page.wait_for_function("() => document.getElementById('results').children.length > 0")
     assert page.evaluate("getComputedStyle(document.getElementById('results')).display") == "flex"
     assert not [error for error in page.console_errors if "Content Security Policy" in error]
+
+
+def test_the_api_reference_renders_every_endpoint_offline(page, server_url):
+    page.goto(server_url + "docs")
+    page.wait_for_function("() => document.querySelectorAll('section.endpoint').length > 0")
+    shown = page.eval_on_selector_all("section.endpoint", "sections => sections.map(s => s.dataset.path)")
+    assert set(shown) == {"/healthz", "/api/search", "/api/search_image", "/api/embed", "/api/similarity"}
+    assert "Chinese CLIP image search" in page.text_content("#title")
+    assert not [error for error in page.console_errors if "Content Security Policy" in error]
+    page.goto(server_url)

@@ -1,6 +1,6 @@
-"""The search page's server against hostile pages and clients: DNS rebinding (Host names), a
-GIF/HTML polyglot in a CSV-built index, security headers, bounded and cached thumbnail decoding,
-stalled clients and too many connections. Everything runs on 127.0.0.1, each wait bounded."""
+"""The search service (FastAPI on uvicorn) against hostile pages and clients: DNS rebinding (Host
+names), a GIF/HTML polyglot in a CSV-built index, security headers, bounded and cached thumbnail
+decoding, stalled clients and too many connections. Everything runs on 127.0.0.1, each wait bounded."""
 
 import http.client
 import io
@@ -10,20 +10,23 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
+
+pytest.importorskip("fastapi", reason="the [serve] extra is not installed")
+pytest.importorskip("uvicorn", reason="the [serve] extra is not installed")
+from _service import serving
 from PIL import Image
 from test_retrieval import draw_images
 
 from component.errors import InputError
-from component.retrieval import server as retrieval_server
+from component.retrieval import service as retrieval_service
 from component.retrieval.images import images_in_csv
 from component.retrieval.index import RetrievalIndex
-from component.retrieval.server import RetrievalServer
+from component.retrieval.server import SearchServer, ServiceLimits
 from component.retrieval.web import ThumbnailCache, allowed_host_names, host_name, host_refusal
 
 IMAGE_NAMES = ["a.png", "b.jpg", "c.png", "d.jpg", "e.png", "f.png"]
@@ -58,32 +61,18 @@ def index_dir(tiny_checkpoint, tmp_path_factory) -> Path:
     return root / "index"
 
 
-@contextmanager
-def serving(index_dir: Path, **options) -> Iterator[RetrievalServer]:
-    """The server for `index_dir` on a free loopback port, with RetrievalServer `options`."""
-    index = RetrievalIndex.load(index_dir, device="cpu")
-    server = RetrievalServer(index, "127.0.0.1", 0, log_requests=False, **options)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 @pytest.fixture(scope="module")
 def server(index_dir):
     with serving(index_dir) as server:
         yield server
 
 
-def port(server: RetrievalServer) -> int:
-    return server.server_address[1]
+def port(server: SearchServer) -> int:
+    return server.port
 
 
 def request(
-    server: RetrievalServer,
+    server: SearchServer,
     path: str,
     host: str | None = None,
     method: str = "GET",
@@ -99,7 +88,7 @@ def request(
         connection.close()
 
 
-def raw_exchange(server: RetrievalServer, data: bytes) -> bytes:
+def raw_exchange(server: SearchServer, data: bytes) -> bytes:
     """What the server answers to bytes sent as they are, until it closes the connection."""
     with socket.create_connection(("127.0.0.1", port(server)), timeout=10) as client:
         client.sendall(data)
@@ -112,7 +101,15 @@ def raw_exchange(server: RetrievalServer, data: bytes) -> bytes:
 # --- B1: DNS rebinding ---
 
 
-PATHS = ["/", "/api/search?text=" + quote("猫"), "/image?path=a.png", "/thumbnail?path=a.png"]
+PATHS = [
+    "/",
+    "/docs",
+    "/healthz",
+    "/openapi.json",
+    "/api/search?q=" + quote("猫"),
+    "/image?path=a.png",
+    "/thumbnail?path=a.png",
+]
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -126,7 +123,7 @@ def test_an_unknown_host_name_is_refused_without_data(server, path):
 
 
 def test_a_request_without_a_host_header_is_refused(server):
-    assert raw_exchange(server, b"GET /api/search?text=x HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.0 403")
+    assert raw_exchange(server, b"GET /api/search?q=x HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.1 403")
 
 
 LOOPBACK_HOSTS = ["localhost:{port}", "127.0.0.1:{port}", "LOCALHOST", "[::1]:1234", "localhost."]
@@ -192,14 +189,17 @@ def test_images_are_typed_by_content_not_by_name(server, index_dir):
 
 RESPONSES = {
     "page": ("GET", "/", None),
-    "search": ("GET", "/api/search?text=" + quote("猫"), None),
-    "bad query": ("GET", "/api/search?text=x&top_k=0", None),
+    "search": ("GET", "/api/search?q=" + quote("猫"), None),
+    "bad query": ("GET", "/api/search?q=x&top_k=0", None),
+    "bad body": ("POST", "/api/embed", b"{not json"),
+    "docs": ("GET", "/docs", None),
+    "schema": ("GET", "/openapi.json", None),
     "image": ("GET", "/image?path=page.html", None),
     "thumbnail": ("GET", "/thumbnail?path=a.png", None),
     "not found": ("GET", "/nothing", None),
     "not indexed": ("GET", "/image?path=../secret.png", None),
     "upload": ("POST", "/api/search_image", b"not an image"),
-    "no method": ("PUT", "/", b"x"),  # http.server's own 501 page
+    "no method": ("PUT", "/", b"x"),  # FastAPI's own 405
 }
 
 
@@ -216,10 +216,21 @@ def test_every_response_has_nosniff_and_a_content_security_policy(server, name):
 
 def test_a_bad_request_line_and_a_refused_host_have_the_headers_too(server):
     bad_request = raw_exchange(server, b"GET / extra HTTP/1.1\r\nHost: localhost\r\n\r\n").decode("latin-1")
+    assert bad_request.startswith("HTTP/1.1 400") and bad_request.endswith(
+        '{"error": "Invalid HTTP request received."}'
+    )
     refused = request(server, "/", host="evil.example")[1].as_string()
-    for answer in (bad_request, refused):
-        assert "X-Content-Type-Options: nosniff" in answer
-        assert "Content-Security-Policy: default-src 'none'" in answer
+    for answer in (bad_request.lower(), refused.lower()):  # header names are case-insensitive
+        assert "x-content-type-options: nosniff" in answer
+        assert "content-security-policy: default-src 'none'" in answer
+
+
+def test_a_body_over_the_limit_is_refused_from_its_length_unread_with_the_headers(server):
+    answer = raw_exchange(
+        server, b"POST /api/search_image HTTP/1.1\r\nHost: localhost\r\nContent-Length: 30000000\r\n\r\n"
+    )
+    assert answer.startswith(b"HTTP/1.1 413") and b"x-content-type-options: nosniff" in answer
+    assert answer.endswith(b'{"error": "the request body is over 20971520 bytes"}')
 
 
 def test_the_page_runs_only_its_own_inline_script_and_style_by_a_fresh_nonce(server):
@@ -243,7 +254,7 @@ def counted_decoding(monkeypatch, delay: float = 0.0):
     """Count decodes of thumbnails and uploads, and the most running at once."""
     counts = {"thumbnails": 0, "uploads": 0, "running": 0, "most": 0}
     lock = threading.Lock()
-    real_make_thumbnail = retrieval_server.make_thumbnail
+    real_make_thumbnail = retrieval_service.make_thumbnail
 
     @contextmanager
     def decoding(kind: str):
@@ -266,8 +277,8 @@ def counted_decoding(monkeypatch, delay: float = 0.0):
         with decoding("uploads"):
             raise InputError("not searched")
 
-    monkeypatch.setattr(retrieval_server, "make_thumbnail", make_thumbnail)
-    monkeypatch.setattr(retrieval_server, "read_uploaded_image", read_uploaded_image)
+    monkeypatch.setattr(retrieval_service, "make_thumbnail", make_thumbnail)
+    monkeypatch.setattr(retrieval_service, "read_uploaded_image", read_uploaded_image)
     yield counts
 
 
@@ -287,7 +298,7 @@ def test_thumbnails_and_uploads_share_the_bound_on_decodes_at_once(index_dir, mo
             client.join(30)
     assert sorted(statuses) == [200] * len(IMAGE_NAMES) + [400] * 3
     assert (counts["thumbnails"], counts["uploads"]) == (len(IMAGE_NAMES), 3)
-    assert counts["most"] == retrieval_server.IMAGES_DECODED_AT_ONCE
+    assert counts["most"] == retrieval_service.IMAGES_DECODED_AT_ONCE
 
 
 def test_a_second_thumbnail_request_is_served_from_the_cache(index_dir, monkeypatch):
@@ -318,8 +329,8 @@ def test_the_thumbnail_cache_keeps_the_most_recently_used_within_its_bytes():
 # --- B4: stalled clients ---
 
 
-def test_a_stalled_upload_is_dropped_after_the_timeout_while_others_are_served(index_dir):
-    with serving(index_dir, request_timeout=1.0) as server:
+def test_a_stalled_upload_is_answered_408_and_closed_after_the_timeout_while_others_are_served(index_dir):
+    with serving(index_dir, limits=ServiceLimits(request_timeout=1.0)) as server:
         stalled = socket.create_connection(("127.0.0.1", port(server)), timeout=10)
         with stalled:
             started = time.monotonic()
@@ -327,19 +338,35 @@ def test_a_stalled_upload_is_dropped_after_the_timeout_while_others_are_served(i
                 b"POST /api/search_image HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1000\r\n\r\n"
             )  # and never the body
             assert request(server, "/")[0] == 200  # served meanwhile
-            assert stalled.recv(65536) == b""  # dropped, with no answer
+            answer = b""
+            while chunk := stalled.recv(65536):
+                answer += chunk
+            waited = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 408") and b"x-content-type-options: nosniff" in answer
+    assert answer.endswith(b'{"error": "the request body stalled for 1 s"}')
+    assert 0.9 < waited < 5
+
+
+@pytest.mark.parametrize("sent", [b"", b"GET / HTTP/1.1\r\nHost: local"], ids=["nothing", "half a head"])
+def test_a_connection_without_a_whole_request_is_closed_after_the_timeout(index_dir, sent):
+    with serving(index_dir, limits=ServiceLimits(request_timeout=1.0)) as server:
+        with socket.create_connection(("127.0.0.1", port(server)), timeout=10) as idle:
+            started = time.monotonic()
+            idle.sendall(sent)
+            assert request(server, "/")[0] == 200  # served meanwhile
+            assert idle.recv(65536) == b""  # dropped, with no answer
             waited = time.monotonic() - started
     assert 0.9 < waited < 5
 
 
 def test_connections_over_the_limit_are_answered_503(index_dir):
-    with serving(index_dir, request_timeout=5.0, max_connections=2) as server:
+    with serving(index_dir, limits=ServiceLimits(request_timeout=5.0, max_connections=2)) as server:
         idle = [socket.create_connection(("127.0.0.1", port(server)), timeout=10) for _ in range(2)]
-        time.sleep(0.5)  # both accepted, each holding a thread while it waits for a request
+        time.sleep(0.5)  # both accepted, each holding a slot while it waits for a request
         answer = raw_exchange(server, b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n")
-        assert answer.startswith(b"HTTP/1.0 503") and b"X-Content-Type-Options: nosniff" in answer
+        assert answer.startswith(b"HTTP/1.1 503") and b"x-content-type-options: nosniff" in answer
         for connection in idle:
-            connection.close()  # their threads end and free their slots
+            connection.close()  # their slots are freed
         deadline = time.monotonic() + 5
         while request(server, "/")[0] != 200 and time.monotonic() < deadline:
             time.sleep(0.1)

@@ -1,367 +1,217 @@
-"""A search page for a retrieval index, served by the standard library's http.server.
+"""The search service on uvicorn: `retrieval.py serve`, and a server in a thread for tests and benchmarks.
 
-    GET  /                             the page: a text box and an image upload, results as thumbnails
-    GET  /api/search?text=T&top_k=K    {"query": T, "results": [{"filename", "score", ...}]}, best first
-    POST /api/search_image?top_k=K     the same for the image file sent as the request body
-    GET  /thumbnail?path=F             a JPEG thumbnail (at most 256 px a side) of an indexed image
-    GET  /image?path=F                 an indexed image file itself, typed by its content
+uvicorn runs the FastAPI application (component.retrieval.service) wrapped in the web policies
+(component.retrieval.asgi_policies), on one socket bound to loopback unless --host says otherwise.
+uvicorn itself never times out a connection before its first request, nor a client that stops
+reading an answer, and answers a malformed request line without our headers; `GuardedH11Protocol`
+adds what today's guarantees need:
 
-Only files that the index lists and that lie under its image root are served. The web policies
-(Host names, response types, security headers, the thumbnail cache) live in component.retrieval.web.
-Uploads and thumbnails are decoded a few at a time (IMAGES_DECODED_AT_ONCE), and those of too
-many pixels are refused before they are decoded (component.retrieval.served_images); thumbnails
-are cached. Each connection times out after `request_timeout` seconds without progress, and at
-most MAX_CONNECTIONS are served at once. A later index run into the same directory is picked up by
-the next request, without a restart.
+- at most `max_connections` connections at once; one more is answered 503 (with the security
+  headers) and closed without reading its request;
+- a connection must send a complete request head within `request_timeout` seconds of opening (or
+  of its previous answer), and a client that reads nothing of an answer for `request_timeout`
+  seconds is dropped: a slow or stuck client holds one connection slot for a bounded time;
+- a malformed request is answered 400 in JSON, with the security headers.
 """
 
+import asyncio
 import json
+import socket
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import cache
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+
+import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from component.errors import InputError
-from component.retrieval.index import RetrievalIndex, results_document
-from component.retrieval.served_images import (
-    make_thumbnail,
-    open_served_image,
-    read_uploaded_image,
-)
-from component.retrieval.store import read_info_stamp
-from component.retrieval.web import (
-    LOOPBACK_HOSTS,
-    ThumbnailCache,
-    add_nonce,
-    allowed_host_names,
-    file_key,
-    host_name,
-    host_refusal,
-    new_nonce,
-    security_headers,
-)
+from component.retrieval.asgi_policies import BodyLimits, WebPolicy, with_security_headers
+from component.retrieval.index import RetrievalIndex
+from component.retrieval.query_encoders import Backend, load_query_encoder
+from component.retrieval.served_index import IndexReloader
+from component.retrieval.service import ServiceState, create_app
+from component.retrieval.web import LOOPBACK_HOSTS, allowed_host_names, host_name
 
-MAX_UPLOAD_BYTES = 20 * 1024 * 1024
-MAX_TOP_K = 100
-DEFAULT_TOP_K = 12
-IMAGES_DECODED_AT_ONCE = 2  # uploads and thumbnails decoded at once: bounds their memory
-THUMBNAIL_CACHE_BYTES = 32 * 1024 * 1024  # some 2,000 thumbnails
-REQUEST_TIMEOUT = 30.0  # seconds a connection may wait for the client
-MAX_CONNECTIONS = 64  # connections served at once, each in a thread; more get 503
-SEND_CHUNK_BYTES = 1024 * 1024
-PAGE_FILE = Path(__file__).with_name("page.html")
-
-
-@cache
-def page_template() -> str:
-    """The search page, with __COUNT__, __MAX_TOP_K__ and __TOP_K__ to fill in."""
-    return PAGE_FILE.read_text(encoding="utf-8")
-
-
-def parse_top_k(values: list[str] | None) -> int:
-    """The top_k query parameter: 1 to MAX_TOP_K, DEFAULT_TOP_K when absent."""
-    if not values:
-        return DEFAULT_TOP_K
-    try:
-        top_k = int(values[0])
-    except ValueError:
-        top_k = 0
-    if not 1 <= top_k <= MAX_TOP_K:
-        raise InputError(f"top_k must be an integer from 1 to {MAX_TOP_K}, got {values[0]!r}")
-    return top_k
+MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # one image file sent to /api/search_image
+MAX_JSON_BYTES = 64 * 1024 * 1024  # /api/embed and /api/similarity: up to 16 images in base64
+MAX_OTHER_BYTES = 64 * 1024  # every other request has no body worth the name
+REQUEST_TIMEOUT = 30.0  # seconds a connection may keep the server waiting
+MAX_CONNECTIONS = 64  # connections served at once; more get 503
+MAX_HEAD_BYTES = 64 * 1024  # request line and headers
 
 
 @dataclass(frozen=True)
-class ServedIndex:
-    """An index and what the server derives from it, replaced as one when the index is reloaded."""
+class ServiceLimits:
+    """What one client may take: body sizes, time without progress, connections at once."""
 
-    index: RetrievalIndex
-    filenames: frozenset[str]
-    image_root: Path
-
-    @classmethod
-    def of(cls, index: RetrievalIndex) -> "ServedIndex":
-        """The index with its set of filenames and its resolved image root."""
-        return cls(index, frozenset(index.metadata["filename"]), index.image_root.resolve())
-
-    def indexed_file(self, filename: str) -> Path | None:
-        """The file of an indexed image, or None when `filename` is not one or lies outside the root."""
-        if filename not in self.filenames:
-            return None
-        path = (self.image_root / filename).resolve()
-        return path if path.is_relative_to(self.image_root) and path.is_file() else None
+    max_upload_bytes: int = MAX_UPLOAD_BYTES
+    max_json_bytes: int = MAX_JSON_BYTES
+    request_timeout: float = REQUEST_TIMEOUT
+    max_connections: int = MAX_CONNECTIONS
 
 
-def reopen(index: RetrievalIndex) -> RetrievalIndex:
-    """The index directory of `index` opened again, read into memory, sharing its loaded model."""
-    new_index = RetrievalIndex.load(index.directory, index.model_name_or_path, index.device, memory_map=False)
-    if new_index.info.model_fingerprint != index.info.model_fingerprint:
-        raise InputError(
-            f"it was rebuilt with another model ({new_index.info.model_name_or_path}); "
-            "restart the server to search it"
-        )
-    new_index.model, new_index.processor = index.model, index.processor
-    return new_index
+def raw_response(status: int, reason: bytes, body: bytes) -> bytes:
+    """A complete HTTP/1.1 JSON answer that closes the connection, with the security headers."""
+    headers = with_security_headers([(b"content-type", b"application/json")])
+    headers += [(b"content-length", str(len(body)).encode()), (b"connection", b"close")]
+    lines = [b"HTTP/1.1 %d %s" % (status, reason), *(name + b": " + value for name, value in headers)]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
 
-class RetrievalServer(ThreadingHTTPServer):
-    """The search page's HTTP server; each connection runs in its own thread, queries one at a time.
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with a connection limit and a watchdog for stalled clients."""
 
-    Each request first compares the index's index.json with the one it was opened from (one stat
-    call); after an index run has replaced it, the index is opened again and swapped in.
+    max_connections = MAX_CONNECTIONS  # set per server by `guarded_protocol`
+    request_timeout = REQUEST_TIMEOUT
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.refused = len(self.connections) > self.max_connections
+        if self.refused:
+            body = b'{"error": "too many connections; try again"}'
+            transport.write(raw_response(503, b"Service Unavailable", body))
+            # Half-close and read on for a moment: closing with the request unread would reset
+            # the connection, and the client might lose the answer.
+            transport.write_eof()
+            self.watchdog = self.loop.call_later(1.0, transport.close)
+            return
+        self.last_progress: tuple = (None, 0)  # (the request cycle, bytes waiting to be sent)
+        self.watchdog = self.loop.call_later(self.request_timeout, self.check_progress)
+
+    def check_progress(self) -> None:
+        """Drop the connection when a whole period passed without a new request while it waited
+        for one, or without the client reading any of an answer it was sent; otherwise look again
+        a period later. A request being computed or a body being received is left alone (the body
+        has its own timeout, in `BodyLimits`)."""
+        if self.transport.is_closing():
+            return
+        waiting_for_head = self.cycle is None or self.cycle.response_complete
+        progress = (self.cycle, self.transport.get_write_buffer_size())
+        if progress == self.last_progress and (waiting_for_head or self.flow.write_paused):
+            self.transport.close()
+            return
+        self.last_progress = progress
+        self.watchdog = self.loop.call_later(self.request_timeout, self.check_progress)
+
+    def data_received(self, data: bytes) -> None:
+        if not self.refused:  # a refused connection's request is read and dropped
+            super().data_received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        watchdog = getattr(self, "watchdog", None)
+        if watchdog is not None:
+            watchdog.cancel()
+        super().connection_lost(exc)
+
+    def send_400_response(self, msg: str) -> None:
+        body = json.dumps({"error": msg}).encode("ascii")
+        self.transport.write(raw_response(400, b"Bad Request", body))
+        self.transport.close()
+
+
+def guarded_protocol(limits: ServiceLimits) -> type[GuardedH11Protocol]:
+    """The protocol class for one server's limits."""
+    attributes = {"max_connections": limits.max_connections, "request_timeout": limits.request_timeout}
+    return type("ServerProtocol", (GuardedH11Protocol,), attributes)
+
+
+def build_asgi_app(state: ServiceState, allowed_hosts: frozenset[str], limits: ServiceLimits):
+    """The FastAPI application inside its body limits, inside the web policies."""
+    body_limits = {"/api/search_image": limits.max_upload_bytes}
+    body_limits |= {"/api/embed": limits.max_json_bytes, "/api/similarity": limits.max_json_bytes}
+    app = BodyLimits(create_app(state), body_limits, MAX_OTHER_BYTES, limits.request_timeout)
+    return WebPolicy(app, allowed_hosts)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port (0: any free port); InputError when it cannot be had."""
+    try:
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(info[0], socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(info[4])
+        sock.listen(2048)
+    except OSError as error:
+        raise InputError(f"cannot listen on {host}:{port} ({error})") from error
+    sock.setblocking(False)
+    return sock
+
+
+class SearchServer:
+    """The service for one index on one socket; `run()` serves until stopped or interrupted.
 
     Args:
         allowed_hosts: Host names answered besides the loopback names and `host` ("*": any).
-        request_timeout: seconds a connection may wait for the client before it is dropped.
-        max_connections: connections served at once; one more is answered 503 and closed.
     """
-
-    daemon_threads = True
 
     def __init__(
         self,
-        index: RetrievalIndex,
+        state: ServiceState,
         host: str = "127.0.0.1",
         port: int = 0,
-        log_requests: bool = True,
         allowed_hosts: str | list[str] | tuple[str, ...] = (),
-        request_timeout: float = REQUEST_TIMEOUT,
-        max_connections: int = MAX_CONNECTIONS,
+        limits: ServiceLimits = ServiceLimits(),
+        log_requests: bool = True,
     ):
-        try:
-            super().__init__((host, port), RetrievalRequestHandler)
-        except OSError as error:
-            raise InputError(f"cannot listen on {host}:{port} ({error})") from error
-        self.served = ServedIndex.of(index)
-        self.tried_stamp = index.info_stamp  # of the last index.json opened or tried
-        self.reload_lock = threading.Lock()
-        self.search_lock = threading.Lock()  # one model forward at a time
-        self.decode_slots = threading.BoundedSemaphore(IMAGES_DECODED_AT_ONCE)  # uploads and thumbnails
-        self.thumbnails = ThumbnailCache(THUMBNAIL_CACHE_BYTES)
+        self.state = state
         self.allowed_hosts = allowed_host_names(host, allowed_hosts)
-        self.request_timeout = request_timeout
-        self.connection_slots = threading.BoundedSemaphore(max_connections)
-        self.log_requests = log_requests
-
-    def process_request(self, request, client_address) -> None:
-        """Serve the connection in a thread of its own, or refuse it when all slots are taken."""
-        if not self.connection_slots.acquire(blocking=False):
-            refuse_connection(request)
-            self.shutdown_request(request)
-            return
-        super().process_request(request, client_address)
-
-    def process_request_thread(self, request, client_address) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self.connection_slots.release()
+        self.socket = bind(host, port)
+        config = uvicorn.Config(
+            build_asgi_app(state, self.allowed_hosts, limits),
+            http=guarded_protocol(limits),
+            lifespan="off",
+            access_log=log_requests,
+            log_level="info" if log_requests else "warning",
+            server_header=False,
+            timeout_keep_alive=5,
+            h11_max_incomplete_event_size=MAX_HEAD_BYTES,
+        )
+        self.server = uvicorn.Server(config)
 
     @property
     def url(self) -> str:
         """The page's address."""
-        host, port = self.server_address[:2]
-        return f"http://{host}:{port}/"
+        host, port = self.socket.getsockname()[:2]
+        return f"http://{f'[{host}]' if ':' in host else host}:{port}/"
 
-    def current(self) -> ServedIndex:
-        """The index to answer a request from, reloaded first when an index run has replaced it.
+    @property
+    def port(self) -> int:
+        return self.socket.getsockname()[1]
 
-        While one request reloads, the others are answered from the index in use.
-        """
-        served = self.served
-        stamp = read_info_stamp(served.index.directory)
-        if stamp == self.tried_stamp or not self.reload_lock.acquire(blocking=False):
-            return served
+    def run(self) -> None:
+        """Serve until `stop()` or Ctrl+C."""
+        self.server.run(sockets=[self.socket])
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+
+    @contextmanager
+    def running_in_thread(self) -> Iterator["SearchServer"]:
+        """Serve from a thread for the `with` block (tests and benchmarks)."""
+        thread = threading.Thread(target=self.run, daemon=True)
+        thread.start()
+        while not self.server.started and thread.is_alive():
+            threading.Event().wait(0.01)
         try:
-            if stamp != self.tried_stamp:  # not reloaded by another request meanwhile
-                self.tried_stamp = stamp
-                self.reload(self.served.index)
-            return self.served
+            yield self
         finally:
-            self.reload_lock.release()
-
-    def reload(self, index: RetrievalIndex) -> None:
-        """Swap in the index directory's current index; on any error keep `index` and say why."""
-        try:
-            new_index = reopen(index)
-        except Exception as error:  # whatever went wrong, the index in use still answers
-            print(
-                f"warning: cannot reload {index.directory} ({error}); still serving its "
-                f"{len(index)} images of generation {index.info.generation}",
-                file=sys.stderr,
-                flush=True,
-            )
-            return
-        self.served = ServedIndex.of(new_index)
-        print(
-            f"reloaded {index.directory}: {len(new_index)} images, generation {new_index.info.generation}",
-            file=sys.stderr,
-            flush=True,
-        )
+            self.stop()
+            thread.join(10)
+            self.socket.close()
 
 
-def refuse_connection(connection) -> None:
-    """Answer 503 on a connection over the limit, without reading its request."""
-    headers = "".join(f"{name}: {value}\r\n" for name, value in security_headers().items())
-    try:
-        connection.settimeout(1.0)
-        status = "HTTP/1.0 503 Service Unavailable\r\n"
-        connection.sendall(f"{status}{headers}Content-Length: 0\r\nConnection: close\r\n\r\n".encode())
-    except OSError:
-        pass  # the client is gone or not reading: closing is all that is left
-
-
-class RetrievalRequestHandler(BaseHTTPRequestHandler):
-    """The page, the two search endpoints, and indexed images with their thumbnails."""
-
-    server: RetrievalServer
-    page_nonce: str | None = None  # set while the page is being sent
-
-    def setup(self) -> None:
-        self.timeout = self.server.request_timeout  # applied to the socket by StreamRequestHandler
-        super().setup()
-
-    def do_GET(self) -> None:
-        if self.refused_host():
-            return
-        url = urlsplit(self.path)
-        query = parse_qs(url.query)
-        served = self.server.current()
-        if url.path == "/":
-            self.send_page(len(served.index))
-        elif url.path == "/api/search":
-            self.answer_search(query, lambda top_k: self.search_text(served.index, query, top_k))
-        elif url.path == "/thumbnail":
-            self.send_thumbnail(served, query.get("path", [""])[0])
-        elif url.path == "/image":
-            self.send_image(served, query.get("path", [""])[0])
-        else:
-            self.send_json(HTTPStatus.NOT_FOUND, {"error": f"no such page: {url.path}"})
-
-    def do_POST(self) -> None:
-        if self.refused_host():
-            return
-        url = urlsplit(self.path)
-        if url.path != "/api/search_image":
-            self.send_json(HTTPStatus.NOT_FOUND, {"error": f"no such endpoint: {url.path}"})
-            return
-        length_header = self.headers.get("Content-Length", "")
-        length = int(length_header) if length_header.isdigit() else -1
-        if not 0 < length <= MAX_UPLOAD_BYTES:
-            self.close_connection = True  # the body, if any, is not read
-            status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE if length > 0 else HTTPStatus.LENGTH_REQUIRED
-            self.send_json(status, {"error": f"send one image file of at most {MAX_UPLOAD_BYTES} bytes"})
-            return
-        body = self.rfile.read(length)  # a stalled client times out here (request_timeout)
-        index = self.server.current().index
-        self.answer_search(parse_qs(url.query), lambda top_k: self.search_image(index, body, top_k))
-
-    def refused_host(self) -> bool:
-        """Refuse (403) a request for a Host name this server does not answer: DNS rebinding."""
-        reason = host_refusal(self.headers.get("Host"), self.server.allowed_hosts)
-        if reason is not None:
-            self.close_connection = True
-            self.send_json(HTTPStatus.FORBIDDEN, {"error": reason})
-        return reason is not None
-
-    def send_page(self, image_count: int) -> None:
-        page = page_template().replace("__COUNT__", str(image_count))
-        page = page.replace("__MAX_TOP_K__", str(MAX_TOP_K)).replace("__TOP_K__", str(DEFAULT_TOP_K))
-        self.page_nonce = new_nonce()
-        try:
-            page = add_nonce(page, self.page_nonce)
-            self.send_body(HTTPStatus.OK, page.encode("utf-8"), "text/html; charset=utf-8")
-        finally:
-            self.page_nonce = None
-
-    def search_text(self, index: RetrievalIndex, query: dict[str, list[str]], top_k: int) -> dict:
-        text = query.get("text", [""])[0]
-        with self.server.search_lock:
-            return results_document(text, index.search_text(text, top_k))
-
-    def search_image(self, index: RetrievalIndex, body: bytes, top_k: int) -> dict:
-        with self.server.decode_slots:  # held until the decoded image is searched and dropped
-            image = read_uploaded_image(body)
-            with self.server.search_lock:
-                return results_document("uploaded image", index.search_image(image, top_k))
-
-    def answer_search(self, query: dict[str, list[str]], run) -> None:
-        """Run a search and send its JSON; a bad query gets 400 with {"error": ...}."""
-        try:
-            self.send_json(HTTPStatus.OK, run(parse_top_k(query.get("top_k"))))
-        except InputError as error:
-            self.send_json(HTTPStatus.BAD_REQUEST, {"error": str(error)})
-
-    def thumbnail(self, path: Path) -> bytes:
-        """The thumbnail of `path`, from the cache or decoded in one of the shared decode slots."""
-        key = file_key(path)
-        thumbnail = self.server.thumbnails.get(key)
-        if thumbnail is None:
-            with self.server.decode_slots:
-                thumbnail = self.server.thumbnails.get(key)  # made while this request waited?
-                if thumbnail is None:
-                    thumbnail = make_thumbnail(path)
-                    self.server.thumbnails.put(key, thumbnail)
-        return thumbnail
-
-    def send_thumbnail(self, served: ServedIndex, filename: str) -> None:
-        path = served.indexed_file(filename)
-        if path is None:
-            self.send_json(HTTPStatus.NOT_FOUND, {"error": f"not an indexed image: {filename!r}"})
-            return
-        try:
-            thumbnail = self.thumbnail(path)
-        except (OSError, ValueError) as error:  # InputError included
-            self.send_json(
-                HTTPStatus.NOT_FOUND, {"error": f"cannot make a thumbnail of {filename!r} ({error})"}
-            )
-            return
-        self.send_body(HTTPStatus.OK, thumbnail, "image/jpeg", cache=True)
-
-    def send_image(self, served: ServedIndex, filename: str) -> None:
-        path = served.indexed_file(filename)
-        if path is None:
-            self.send_json(HTTPStatus.NOT_FOUND, {"error": f"not an indexed image: {filename!r}"})
-            return
-        try:
-            file, size, content_type = open_served_image(path)
-        except (OSError, ValueError) as error:  # InputError included
-            self.send_json(HTTPStatus.NOT_FOUND, {"error": f"cannot serve {filename!r} ({error})"})
-            return
-        with file:
-            self.send_headers(HTTPStatus.OK, size, content_type, cache=True)
-            while size > 0 and (chunk := file.read(min(size, SEND_CHUNK_BYTES))):
-                self.wfile.write(chunk)
-                size -= len(chunk)
-        self.close_connection = True  # a file cut short meanwhile leaves the length unmet
-
-    def send_json(self, status: HTTPStatus, document: dict) -> None:
-        self.send_body(status, json.dumps(document, ensure_ascii=False).encode("utf-8"), "application/json")
-
-    def send_body(self, status: HTTPStatus, body: bytes, content_type: str, cache: bool = False) -> None:
-        self.send_headers(status, len(body), content_type, cache)
-        self.wfile.write(body)
-
-    def send_headers(self, status: HTTPStatus, length: int, content_type: str, cache: bool = False) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(length))
-        self.send_header("Cache-Control", "max-age=3600" if cache else "no-store")
-        self.end_headers()
-
-    def end_headers(self) -> None:
-        """Every response, http.server's own errors included, gets the security headers."""
-        for name, value in security_headers(self.page_nonce).items():
-            self.send_header(name, value)
-        super().end_headers()
-
-    def log_message(self, format: str, *args) -> None:
-        if self.server.log_requests:
-            super().log_message(format, *args)
+def search_server(
+    index: RetrievalIndex,
+    backend: Backend = "torch",
+    onnx_dir: str | Path | None = None,
+    **options,
+) -> SearchServer:
+    """A server for `index`, queries encoded by `backend`; `options` go to `SearchServer`."""
+    encoder = load_query_encoder(index, backend, onnx_dir)
+    return SearchServer(ServiceState(IndexReloader(index), encoder), **options)
 
 
 def serve(
@@ -369,22 +219,20 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     allowed_hosts: str | list[str] | tuple[str, ...] = (),
+    backend: Backend = "torch",
+    onnx_dir: str | Path | None = None,
 ) -> None:
-    """Serve the search page for `index` until interrupted (Ctrl+C).
-
-    `allowed_hosts`: Host names to answer besides the loopback names and `host` (see RetrievalServer).
-    """
-    server = RetrievalServer(index, host, port, allowed_hosts=allowed_hosts)
+    """Serve the search page and the API for `index` until interrupted (Ctrl+C)."""
+    server = search_server(index, backend, onnx_dir, host=host, port=port, allowed_hosts=allowed_hosts)
     if host_name(host) not in LOOPBACK_HOSTS:
         print(
             f"warning: listening on {host}: other machines can search this index; they must use one "
             f"of the names {', '.join(sorted(server.allowed_hosts))} (add more with --allowed_hosts)",
             file=sys.stderr,
         )
-    print(f"Searching {len(index)} images of {index.directory} at {server.url} (Ctrl+C to stop)", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    print(
+        f"Searching {len(index)} images of {index.directory} at {server.url} with the {backend} "
+        f"backend; API reference at {server.url}docs (Ctrl+C to stop)",
+        flush=True,
+    )
+    server.run()
