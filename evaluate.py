@@ -15,6 +15,7 @@ image-to-text R@1/5/10, each direction's mean, and MR, the mean of all six).
 import argparse
 import json
 import logging
+import os
 import sys
 
 from component.cli import pick_device, positive_int
@@ -26,6 +27,7 @@ from component.evaluation.zeroshot import labelled_images, read_labels, read_tem
 from datatools.atomic import write_json_atomic
 from datatools.errors import report_user_errors
 
+SIGPIPE_EXIT_STATUS = 141
 DEFAULT_MAX_LENGTH = 64  # tokens per text where neither --max_length nor the training run says
 
 
@@ -109,9 +111,9 @@ def run(args: argparse.Namespace) -> dict:
         )
 
     # 3. Report.
-    print(json.dumps(results, ensure_ascii=False, indent=2) if args.json else format_report(results))
-    if args.output:
+    if args.output:  # before printing, so that a closed pipe cannot lose the file
         write_json_atomic(args.output, results)
+    print(json.dumps(results, ensure_ascii=False, indent=2) if args.json else format_report(results))
     return results
 
 
@@ -119,7 +121,15 @@ def main(argv: list[str] | None = None) -> dict:
     """Parse the command line and evaluate; bad input ends with one line and exit code 2."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s", stream=sys.stderr)
     args = parse_args(argv)
-    return report_user_errors(lambda: run(args))
+    try:
+        results = report_user_errors(lambda: run(args))
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's flush at exit
+    except BrokenPipeError:
+        # Output cut short by the reader (`... | head`): leave quietly with 141 (128 + SIGPIPE), as
+        # predict_similarity.py does; stdout points at devnull so the flush at exit cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(SIGPIPE_EXIT_STATUS) from None
+    return results
 
 
 if __name__ == "__main__":

@@ -171,3 +171,24 @@ def test_lmdb_without_count_key_is_not_cn_clip(tmp_path):
             txn.put(b"something", b"else")
     with pytest.raises(CnClipDataError, match=r"key num_samples is missing or not a number"):
         LmdbData(tmp_path)
+
+
+def test_cn_clip_source_feeds_training_and_a_bad_row_is_replaced_and_counted(tmp_path, tiny_checkpoint):
+    from component.evaluation.eval_data import CnClipSource
+    from component.processor import ImageTransform, load_processor
+    from component.training.dataset import ImageTextDataset
+
+    texts_path = write_cn_clip_split(tmp_path)
+    images = tmp_path / "valid_imgs.tsv"
+    lines = images.read_text().splitlines(keepends=True)
+    lines[1] = "1001\t%%%%\n"  # the first of text 9's two images
+    images.write_text("".join(lines))
+    transform = ImageTransform.from_processor(load_processor(tiny_checkpoint))
+    dataset = ImageTextDataset(CnClipSource(texts_path), transform=transform)
+    assert len(dataset) == 4
+    good = dataset[2]
+    assert (good["text"], good["index"], good["bad_images"]) == ("两张图: 绿色和蓝色", 2, [])
+    assert good["image"].shape[-1] == 3
+    replaced = dataset[1]
+    assert replaced["index"] != 1 and len(replaced["bad_images"]) == 1
+    assert replaced["bad_images"][0].startswith("1001: ") and "line 2" in replaced["bad_images"][0]
