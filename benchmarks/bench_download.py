@@ -4,6 +4,9 @@
     python benchmarks/bench_download.py --img2dataset_python /path/to/venv/bin/python
     python benchmarks/bench_download.py --quick              # a few seconds, synthetic images
 
+Each round runs both output formats of download_image.py (files, and webdataset shards of
+`--shard_size`); img2dataset writes the format named by `--img2dataset_format`.
+
 Photos (scikit-image's sample photos, cropped and scaled to 640-1600 px, with a little grain so
 they compress like camera JPEGs) are served from a loopback server in another process that adds
 `--latency` seconds before each response. The CPU-only limit is the same decode + resize + encode
@@ -166,39 +169,51 @@ def write_url_csv(path: Path, photos: list[Path], port: int) -> None:
             )
 
 
-def run_ours(csv_path: Path, output: Path, threads: int | None) -> dict[str, float]:
+def run_ours(
+    csv_path: Path, output: Path, threads: int | None, output_format: str = "files", shard_size: int = 1000
+) -> dict[str, float]:
     """Run download_image.main in this process; images/s over its wall time, and stored bytes."""
     import download_image
 
-    argv = ["--input", str(csv_path), "--output", str(output)] + (
-        ["--threads", str(threads)] if threads else []
-    )
+    argv = ["--input", str(csv_path), "--output", str(output), "--output_format", output_format]
+    argv += ["--shard_size", str(shard_size)] + (["--threads", str(threads)] if threads else [])
     cpu_before, started = _cpu_seconds(resource.RUSAGE_SELF), time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):  # stdout is for the JSON figures
         exit_code = download_image.main(argv)
     seconds = time.perf_counter() - started
     cpu_ms = (_cpu_seconds(resource.RUSAGE_SELF) - cpu_before) * 1000
-    report = json.loads((output / "download_report.json").read_text())
-    stored = [path.stat().st_size for path in output.rglob("*.jpg")]
+    if output_format == "files":
+        report = json.loads((output / "download_report.json").read_text())
+        ok, failed = report["ok"], report["failed"]
+    else:
+        stats = [json.loads(path.read_text()) for path in output.glob("*_stats.json")]
+        ok = sum(item["successes"] for item in stats)
+        failed = sum(item["count"] - item["successes"] for item in stats)
+    # shards: tar bytes per sample (the JPEG, caption, metadata and tar headers)
+    stored = sum(
+        path.stat().st_size for path in output.rglob("*.jpg" if output_format == "files" else "*.tar")
+    )
     return {
         "exit_code": exit_code,
-        "ok": report["ok"],
-        "failed": report["failed"],
+        "ok": ok,
+        "failed": failed,
         "seconds": round(seconds, 2),
-        "images_per_s": round(report["ok"] / seconds, 1),
-        "cpu_ms_per_image": round(cpu_ms / max(1, report["ok"]), 2),
-        "mean_stored_bytes": round(sum(stored) / max(1, len(stored))),
+        "images_per_s": round(ok / seconds, 1),
+        "cpu_ms_per_image": round(cpu_ms / max(1, ok), 2),
+        "mean_stored_bytes": round(stored / max(1, ok)),
     }
 
 
-def run_img2dataset(python: str, csv_path: Path, output: Path, workers: int) -> dict[str, object]:
+def run_img2dataset(
+    python: str, csv_path: Path, output: Path, workers: int, output_format: str = "files"
+) -> dict[str, object]:
     """img2dataset with matching settings (short side 256, JPEG 90, no hashing); its own timing."""
     options = {
         "url_list": str(csv_path),
         "output_folder": str(output),
         "input_format": "csv",
         "url_col": "url",
-        "output_format": "files",
+        "output_format": output_format,
         "image_size": 256,
         "resize_mode": "keep_ratio",
         "resize_only_if_bigger": True,
@@ -229,6 +244,7 @@ def run_img2dataset(python: str, csv_path: Path, output: Path, workers: int) -> 
         "wall_seconds_with_startup": round(wall, 2),
         "threads_per_process": 256,
         "processes": workers,
+        "output_format": output_format,
     }
 
 
@@ -276,54 +292,76 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--workdir", default=str(REPO / "output" / "bench_download"), help="photos and outputs"
     )
     parser.add_argument("--img2dataset_python", default=None, help="a Python with img2dataset installed")
+    parser.add_argument(
+        "--img2dataset_format", default="webdataset", choices=("files", "webdataset"), help="its output"
+    )
+    parser.add_argument("--shard_size", type=int, default=1000, help="rows per shard, both downloaders")
     parser.add_argument("--serve", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
+def _median(items: list[dict], key: str) -> float:
+    return round(statistics.median(item[key] for item in items), 2)
+
+
+def summarise_download(runs: list[dict], limits: list[dict], workers: int) -> dict[str, object]:
+    """Median and best images/s of `runs`, against the CPU-only limit of the same rounds."""
+    limit, download = _median(limits, "images_per_s"), _median(runs, "images_per_s")
+    best_limit = max(item["images_per_s"] for item in limits)
+    best_download = max(run["images_per_s"] for run in runs)
+    limit_cpu_ms, download_cpu_ms = _median(limits, "cpu_ms_per_image"), _median(runs, "cpu_ms_per_image")
+    return {
+        "images_per_s": download,
+        "per_core": round(download / workers, 1),
+        "fraction_of_cpu_limit": round(download / limit, 3),
+        "best_round": best_download,
+        "best_fraction_of_best_cpu_limit": round(best_download / best_limit, 3),
+        "cpu_ms_per_image": download_cpu_ms,
+        "cpu_efficiency": round(limit_cpu_ms / download_cpu_ms, 3),
+        "rounds": [run["images_per_s"] for run in runs],
+        "failed": sum(run["failed"] for run in runs),
+        "stored_bytes_per_image": runs[-1]["mean_stored_bytes"],
+    }
+
+
 def measure(photos: list[Path], workdir: Path, port: int, args: argparse.Namespace) -> dict[str, object]:
-    """Alternate the CPU-only limit and our download `rounds` times (other load on the machine
-    then hits both alike); medians, the ratios, and the size stored per image.
+    """Alternate the CPU-only limit and our download to files and to shards `rounds` times (other
+    load on the machine then hits all alike); medians, the ratios, and the size stored per image.
 
     `cpu_efficiency` compares CPU time per image (conversion only / whole download), which other
     load on a shared machine disturbs far less than images/s.
     """
     workers = os.cpu_count() or 1
     write_url_csv(workdir / "urls.csv", photos, port)
-    limits, runs = [], []
-    for _ in range(1 if args.quick else args.rounds):
+    limits: list[dict] = []
+    runs: dict[str, list[dict]] = {"files": [], "webdataset": []}
+    for round_index in range(1 if args.quick else args.rounds):
         limits.append(cpu_limit(photos, workers))
-        shutil.rmtree(workdir / "ours", ignore_errors=True)
-        runs.append(run_ours(workdir / "urls.csv", workdir / "ours", args.threads))
-
-    def median(items: list[dict], key: str) -> float:
-        return round(statistics.median(item[key] for item in items), 2)
-
-    limit, download = median(limits, "images_per_s"), median(runs, "images_per_s")
-    best_limit = max(item["images_per_s"] for item in limits)
-    best_download = max(run["images_per_s"] for run in runs)
-    limit_cpu_ms, download_cpu_ms = median(limits, "cpu_ms_per_image"), median(runs, "cpu_ms_per_image")
+        formats = ["files", "webdataset"] if round_index % 2 == 0 else ["webdataset", "files"]
+        for output_format in formats:  # each goes first in every other round
+            output = workdir / f"ours_{output_format}"
+            shutil.rmtree(output, ignore_errors=True)
+            result = run_ours(workdir / "urls.csv", output, args.threads, output_format, args.shard_size)
+            runs[output_format].append(result)
+    limit = _median(limits, "images_per_s")
+    files = summarise_download(runs["files"], limits, workers)
+    shards = summarise_download(runs["webdataset"], limits, workers)
     return {
         "cpu_limit": {
             "images_per_s": limit,
             "per_core": round(limit / workers, 1),
-            "cpu_ms_per_image": limit_cpu_ms,
-            "best_round": best_limit,
+            "cpu_ms_per_image": _median(limits, "cpu_ms_per_image"),
+            "best_round": max(item["images_per_s"] for item in limits),
             "rounds": [item["images_per_s"] for item in limits],
         },
-        "download": {
-            "images_per_s": download,
-            "per_core": round(download / workers, 1),
-            "fraction_of_cpu_limit": round(download / limit, 3),
-            "best_round": best_download,
-            "best_fraction_of_best_cpu_limit": round(best_download / best_limit, 3),
-            "cpu_ms_per_image": download_cpu_ms,
-            "cpu_efficiency": round(limit_cpu_ms / download_cpu_ms, 3),
-            "rounds": [run["images_per_s"] for run in runs],
-            "failed": sum(run["failed"] for run in runs),
-            "threads": args.threads or "default",
+        "download": {**files, "threads": args.threads or "default"},
+        "download_webdataset": {
+            **shards,
+            "shard_size": args.shard_size,
+            "against_files": round(shards["images_per_s"] / files["images_per_s"], 3),
         },
-        "stored_bytes_per_image": runs[-1]["mean_stored_bytes"],
-        "disk_gb_per_million_images": round(runs[-1]["mean_stored_bytes"] * 1e6 / 1e9, 1),
+        "stored_bytes_per_image": files["stored_bytes_per_image"],
+        "disk_gb_per_million_images": round(files["stored_bytes_per_image"] * 1e6 / 1e9, 1),
     }
 
 
@@ -354,7 +392,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.img2dataset_python and not args.quick:
             shutil.rmtree(workdir / "img2dataset", ignore_errors=True)
             peer = run_img2dataset(
-                args.img2dataset_python, workdir / "urls.csv", workdir / "img2dataset", os.cpu_count()
+                args.img2dataset_python,
+                workdir / "urls.csv",
+                workdir / "img2dataset",
+                os.cpu_count(),
+                args.img2dataset_format,
             )
             figures["img2dataset"] = peer
     finally:

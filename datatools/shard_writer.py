@@ -136,7 +136,12 @@ class ShardWriter:
         self._file = open(self._temp, "xb")
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)
         columns = [name for name in fieldnames if name not in ("key", "reason")] + ["key", "reason"]
-        self._failed = AtomicCsvWriter(output / f"{self.name}_failed.csv", columns)
+        try:
+            self._failed = AtomicCsvWriter(output / f"{self.name}_failed.csv", columns)
+        except BaseException:  # a full disk: the temp tar must not stay behind
+            self._temp.unlink(missing_ok=True)
+            self._file.close()
+            raise
 
     @property
     def done(self) -> bool:
