@@ -127,7 +127,7 @@ def index_image_lines(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def read_text_lines(path: Path) -> Iterator[tuple[int, str, str, list[str]]]:
     """(line number, text_id, text, image ids) of each jsonl record; a malformed one names its line."""
-    with open(path, encoding="utf-8") as file:
+    with open(path, encoding="utf-8-sig") as file:
         for number, line in enumerate(file, start=1):
             if not line.strip():
                 continue

@@ -315,3 +315,17 @@ def test_zeroshot_label_count_must_match_the_class_folders(model_arg, class_fold
         str(class_folder / "images"),
     ]
     expect_one_line_error(argv, capsys, r"3 class subfolders but 2 labels")
+
+
+def test_csv_test_file_gives_the_recall_of_its_image_files(model_arg, tiny_checkpoint, shapes, tmp_path):
+    results = run_evaluate(
+        [*model_arg, "--test_file", str(shapes / "test.csv"), "--image_path", str(shapes / "images")],
+        tmp_path,
+    )
+    model, processor = load_model_and_processor(tiny_checkpoint, "cpu")
+    rows = [line.split(",") for line in (shapes / "test.csv").read_text(encoding="utf-8").splitlines()[1:]]
+    text_embeds = encode_texts(model, processor, [text for text, _, _ in rows], max_length=64)
+    image_embeds = encode_images(model, processor, [shapes / "images" / name for _, _, name in rows])
+    expected = retrieval_metrics(image_embeds, text_embeds, torch.arange(len(rows)))
+    assert results["toolkit"] == pytest.approx(expected, abs=TOLERANCE)
+    assert results["data"]["pairs"] == results["data"]["images"] == len(rows) == 16
