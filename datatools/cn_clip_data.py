@@ -67,8 +67,9 @@ class PackedStrings:
         for string in strings:
             data += string.encode("utf-8")
             ends.append(len(data))
-        self.buffer = np.frombuffer(bytes(data), dtype=np.uint8)
+        self.buffer = np.frombuffer(data, dtype=np.uint8)  # views of the buffers, not copies
         self.offsets = np.frombuffer(ends, dtype=np.int64)
+        self.buffer.flags.writeable = self.offsets.flags.writeable = False
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -87,6 +88,13 @@ class _IdIndex:
         order = np.argsort(ids, kind="stable")
         self.sorted_ids = ids[order]
         self.rows = order
+
+    def distinct_rows(self) -> np.ndarray:
+        """The row of each distinct id (its last), in row order."""
+        sorted_ids = self.sorted_ids
+        last = np.ones(len(sorted_ids), dtype=bool)
+        last[:-1] = sorted_ids[:-1] != sorted_ids[1:]  # the stable sort keeps equal ids in row order
+        return np.sort(self.rows[last])
 
     def row(self, image_id: str) -> int | None:
         key = np.array(image_id.encode("utf-8"), dtype=self.sorted_ids.dtype)
@@ -195,8 +203,7 @@ class TsvJsonlData:
 
     def image_ids(self) -> list[str]:
         """Every image id of the tsv, in file order (a repeated id once, where it last appears)."""
-        rows = sorted({self._index.row(i.decode("utf-8")) for i in self._ids})
-        return [self._ids[row].decode("utf-8") for row in rows]
+        return [self._ids[row].decode("utf-8") for row in self._index.distinct_rows()]
 
     def image_bytes(self, image_id: str) -> bytes:
         """The encoded image (JPEG, PNG, ...) of `image_id`, read from its line of the tsv."""
@@ -209,9 +216,17 @@ class TsvJsonlData:
         return decode_base64(line.partition(b"\t")[2], f"{self.images_path}, line {self._line_number(row)}")
 
     def _line_number(self, row: int) -> int:
-        # Counted only for an error message: newlines before the row's offset, plus one.
+        # Counted only for an error message: newlines before the row's offset, plus one, read a
+        # chunk at a time (the file may hold gigabytes of base64).
+        newlines, left = 0, int(self._offsets[row])
         with open(self.images_path, "rb") as file:
-            return file.read(int(self._offsets[row])).count(b"\n") + 1
+            while left > 0:
+                chunk = file.read(min(left, 1 << 24))
+                if not chunk:
+                    break
+                newlines += chunk.count(b"\n")
+                left -= len(chunk)
+        return newlines + 1
 
 
 class _PairUnpickler(pickle.Unpickler):

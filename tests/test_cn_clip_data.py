@@ -192,3 +192,13 @@ def test_cn_clip_source_feeds_training_and_a_bad_row_is_replaced_and_counted(tmp
     replaced = dataset[1]
     assert replaced["index"] != 1 and len(replaced["bad_images"]) == 1
     assert replaced["bad_images"][0].startswith("1001: ") and "line 2" in replaced["bad_images"][0]
+
+
+def test_repeated_image_id_keeps_its_last_row_as_cn_clip_lmdb_does(tmp_path):
+    texts_path = write_cn_clip_split(tmp_path)
+    images = tmp_path / "valid_imgs.tsv"
+    replacement = base64.b64encode(image_bytes((1, 2, 3))).decode()
+    images.write_text(images.read_text() + f"1001\t{replacement}\n")
+    data = TsvJsonlData(texts_path)
+    assert data.image_ids() == ["1000", "1002", "1003", "1001"]
+    assert data.image_bytes("1001") == image_bytes((1, 2, 3))
