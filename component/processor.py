@@ -116,7 +116,7 @@ def check_tokenizer_fits(tokenizer, model, source: str | Path) -> None:
     if len(tokenizer) > vocab_size:
         raise CheckpointError(
             f"{source}: the tokenizer has {len(tokenizer)} tokens but the text tower's vocab_size is "
-            f"{vocab_size}; use the tokenizer saved with this model (or its BERT checkpoint)"
+            f"{vocab_size}; use the tokenizer saved with this model (or its text tower's checkpoint)"
         )
 
 
