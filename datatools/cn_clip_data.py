@@ -350,6 +350,10 @@ def open_cn_clip_data(path: str | Path) -> TsvJsonlData | LmdbData:
 
 
 def is_cn_clip_data(path: str | Path) -> bool:
-    """Whether `path` names Chinese-CLIP data: a `*_texts.jsonl` file or a directory (taken as its LMDB)."""
+    """Whether `path` names Chinese-CLIP data: a `.jsonl` file, or a directory with an `imgs/` or a
+    `pairs/` entry (its LMDB; one missing is reported by `LmdbData`). Any other directory is left to
+    the other readers (a directory of webdataset shards)."""
     path = Path(path)
-    return path.is_dir() or path.name.endswith(".jsonl")
+    if path.is_dir():
+        return any((path / part).exists() for part in LMDB_PARTS)
+    return path.name.endswith(".jsonl")

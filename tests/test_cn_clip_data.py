@@ -202,3 +202,13 @@ def test_repeated_image_id_keeps_its_last_row_as_cn_clip_lmdb_does(tmp_path):
     data = TsvJsonlData(texts_path)
     assert data.image_ids() == ["1000", "1002", "1003", "1001"]
     assert data.image_bytes("1001") == image_bytes((1, 2, 3))
+
+
+def test_only_jsonl_files_and_lmdb_like_directories_are_cn_clip_data(tmp_path):
+    from datatools.cn_clip_data import is_cn_clip_data
+
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "half_lmdb" / "imgs").mkdir(parents=True)
+    assert not is_cn_clip_data(tmp_path / "shards")  # left to the shard reader
+    assert is_cn_clip_data(tmp_path / "half_lmdb")  # refused by LmdbData, naming pairs/data.mdb
+    assert is_cn_clip_data(tmp_path / "valid_texts.jsonl") and not is_cn_clip_data(tmp_path / "test.csv")
