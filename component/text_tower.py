@@ -74,3 +74,12 @@ def pool_text(text_pooling: str, text_outputs, attention_mask: torch.Tensor | No
 def load_text_tower(path: str) -> tuple[PreTrainedModel, dict]:
     """A pretrained text encoder through AutoModel, and its loading info (missing, unexpected keys)."""
     return AutoModel.from_pretrained(str(path), output_loading_info=True)
+
+
+def max_text_length(text_config: PreTrainedConfig) -> int:
+    """The most tokens the tower takes: its position table, less the offset RoBERTa-style towers
+    (RoBERTa, XLM-R, CamemBERT) give positions, which start after the padding id."""
+    positions = text_config.max_position_embeddings
+    if "roberta" in text_config.model_type or text_config.model_type == "camembert":
+        return positions - (text_config.pad_token_id or 0) - 1
+    return positions

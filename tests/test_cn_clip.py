@@ -320,6 +320,19 @@ def test_to_cn_clip_refuses_a_model_cn_clip_cannot_express(tiny_checkpoint, tmp_
     assert "image MLP width" in error and not (tmp_path / "x.pt").exists()
 
 
+def test_to_cn_clip_refuses_a_siglip_model(tiny_checkpoint, tmp_path, capsys):
+    model = BertCLIPModel.from_pretrained(tiny_checkpoint)
+    model.add_logit_bias(2.3, -10.0)
+    model.save_pretrained(tmp_path / "siglip")
+    load_processor(tiny_checkpoint).save_pretrained(tmp_path / "siglip")
+    error = run_failing(
+        ["to-cn-clip", "--model", str(tmp_path / "siglip"), "--output", str(tmp_path / "x.pt")], capsys
+    )
+    assert (
+        "a logit bias (a SigLIP model; Chinese-CLIP has none)" in error and not (tmp_path / "x.pt").exists()
+    )
+
+
 def test_retrieval_metrics_equal_cn_clip_evaluation_scripts(cn_clip, tmp_path):
     generator = torch.Generator().manual_seed(0)
     n_texts, n_images = 40, 25

@@ -11,6 +11,7 @@ from PIL import Image
 from transformers import AutoModel, AutoProcessor, DistilBertConfig, ErnieModel, XLMRobertaModel
 
 import component  # noqa: F401  (registers the Auto classes)
+import convert_checkpoint
 import predict_similarity
 import retrieval
 import train_clip
@@ -19,7 +20,7 @@ from component.model import BertCLIPModel, BertCLIPTextModel
 from component.processor import load_processor, load_tokenizer
 from component.testing.demo import all_combinations, write_split
 from component.testing.tiny import write_bert_clip, write_tiny_ernie, write_tiny_roberta
-from component.text_tower import build_text_tower
+from component.text_tower import build_text_tower, max_text_length
 
 TEXTS = ["一只猫", "两只狗在草地上奔跑", "红色的圆形"]
 TOWERS = {"roberta": XLMRobertaModel, "ernie": ErnieModel}
@@ -186,3 +187,18 @@ def test_train_predict_and_index_end_to_end(tiny_towers, text_towers, shapes_dat
     retrieval.main(["search", "--index", str(index), "--text", TEXTS[2], "--json", "--device", "cpu"])
     results = json.loads(capsys.readouterr().out)["results"]
     assert results and all(result["filename"].endswith(".jpg") for result in results)
+
+
+def test_the_usable_text_length_leaves_out_roberta_position_offsets(checkpoints):
+    roberta = BertCLIPModel.from_pretrained(checkpoints["roberta"]).config.text_config
+    ernie = BertCLIPModel.from_pretrained(checkpoints["ernie"]).config.text_config
+    assert max_text_length(roberta) == roberta.max_position_embeddings - roberta.pad_token_id - 1
+    assert max_text_length(ernie) == ernie.max_position_embeddings
+
+
+def test_to_cn_clip_refuses_a_text_tower_other_than_bert(checkpoints, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        convert_checkpoint.main(
+            ["to-cn-clip", "--model", str(checkpoints["roberta"]), "--output", str(tmp_path / "x.pt")]
+        )
+    assert "text tower 'xlm-roberta' (cn_clip: BERT)" in capsys.readouterr().err

@@ -133,6 +133,10 @@ def architecture_of(model: BertCLIPModel, source: str | Path) -> CnClipArchitect
     differences = [f"text_pooling {config.text_pooling!r} (cn_clip pools [CLS]: 'cls')"] * (
         config.text_pooling != "cls"
     )
+    if model.logit_bias is not None:
+        differences.append("a logit bias (a SigLIP model; Chinese-CLIP has none)")
+    if text.model_type != "bert":  # XLM-R keys look like BERT's, but its positions are offset
+        differences.append(f"text tower {text.model_type!r} (cn_clip: BERT)")
     if vision.intermediate_size != 4 * vision.hidden_size:
         differences.append(f"image MLP width {vision.intermediate_size} (cn_clip: 4 x {vision.hidden_size})")
     for tower, fixed in ((vision, VISION_FIXED), (text, TEXT_FIXED)):

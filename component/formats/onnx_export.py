@@ -43,6 +43,7 @@ from component.formats.onnx_parity import (
     text_batches,
 )
 from component.model import BertCLIPModel
+from component.text_tower import max_text_length
 from datatools.errors import UserError
 
 TEXT_ENCODER_FILE = "text_encoder.onnx"
@@ -184,7 +185,7 @@ def export_encoder(
 
 def export_text_encoder(model: BertCLIPModel, path: Path, opset: int | None = None) -> int:
     """Write the text tower plus projection to `path`; dynamic batch and sequence length."""
-    length = min(8, model.config.text_config.max_position_embeddings)
+    length = min(8, max_text_length(model.config.text_config))
     # Batch 2, not 1: torch.export would take a size of 1 for a constant.
     input_ids = torch.ones(2, length, dtype=torch.long, device=model_device(model))
     example = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
@@ -228,7 +229,7 @@ def export_metadata(model: BertCLIPModel, opset: int, float16: bool) -> dict:
         "dtype": "float16" if float16 else "float32",
         "opset": opset,
         "projection_dim": config.projection_dim,
-        "max_seq_length": config.text_config.max_position_embeddings,
+        "max_seq_length": max_text_length(config.text_config),
         "image_size": config.vision_config.image_size,
         "text_pooling": config.text_pooling,
         "text_encoder": {"file": TEXT_ENCODER_FILE, "inputs": TEXT_INPUTS, "outputs": TEXT_OUTPUTS},
@@ -286,7 +287,7 @@ def export_onnx(
     Args:
         model: a float32 model (`--fp16` converts the exported graphs, not the model).
         text_cases: (batch_size, length) pairs to check the text encoder on; default
-            `sampled_text_cases(max_position_embeddings)`.
+            `sampled_text_cases(max_text_length(text_config))`.
         report: called with each progress line.
 
     Raises `ParityError` (and writes nothing) when a graph is out of tolerance.
@@ -297,7 +298,7 @@ def export_onnx(
     check_output(output)
     output.mkdir(parents=True, exist_ok=True)
     if text_cases is None:
-        text_cases = sampled_text_cases(model.config.text_config.max_position_embeddings)
+        text_cases = sampled_text_cases(max_text_length(model.config.text_config))
     staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=output))
     try:
         report(f"exporting the text encoder to {output / TEXT_ENCODER_FILE}")
