@@ -55,7 +55,7 @@ THUMBNAIL_CACHE_BYTES = 32 * 1024 * 1024  # some 2,000 thumbnails
 REQUEST_TIMEOUT = 30.0  # seconds a connection may wait for the client
 MAX_CONNECTIONS = 64  # connections served at once, each in a thread; more get 503
 SEND_CHUNK_BYTES = 1024 * 1024
-PAGE_FILE = Path(__file__).with_name("page.html")
+PAGE_FILE = Path(__file__).parent.parent / "component" / "retrieval" / "page.html"
 
 
 @cache

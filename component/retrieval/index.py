@@ -1,8 +1,9 @@
 """Text-to-image and image-to-image search over an image collection, with a faiss index on disk.
 
 Building or updating an index directory, and searching it. Beside this module: the images to
-index and their encoding (retrieval_images.py), the faiss index (retrieval_vectors.py), the files
-of an index directory (retrieval_store.py) and the search page (retrieval_server.py).
+index and their encoding (images.py), the faiss index (vectors.py), the files of an index
+directory (store.py), and the search service: its FastAPI application (service.py) served by
+uvicorn (server.py).
 """
 
 import hashlib
