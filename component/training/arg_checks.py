@@ -13,6 +13,7 @@ from pathlib import Path
 from transformers import TrainingArguments
 
 from component.training.arg_values import ArgumentError
+from datatools.shards import ShardError, is_shard_spec, list_shards
 
 # report_to name -> (modules of which one must import, what to pip install)
 REPORTING_PACKAGES = {
@@ -101,7 +102,12 @@ def check_paths(path: str | Path, model_args, data_args) -> None:
     """
     for key in ("train_file", "test_file", "image_path"):
         value = getattr(data_args, key)
-        if value and not os.path.exists(value):
+        if value and key != "image_path" and is_shard_spec(value):
+            try:
+                list_shards(value)
+            except ShardError as error:
+                raise ArgumentError(f"{path}: {key}: {error}") from None
+        elif value and not os.path.exists(value):
             raise ArgumentError(
                 f"{path}: {key} {value!r} does not exist (relative paths are read from {os.getcwd()})"
             )

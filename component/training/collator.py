@@ -22,6 +22,8 @@ class ImageTextCollator:
     max_seq_length: int = 64
 
     def __call__(self, samples: list[dict]) -> dict:
+        if samples[0].get("skipped"):  # a batch a resumed stream fast-forwards past: never used
+            return {"skipped": torch.ones(len(samples))}
         batch = tokenize(self.processor, [s["text"] for s in samples], self.max_seq_length)
         if "image_features" in samples[0]:  # LiT with cached image features: no pixels at all
             batch["image_features"] = torch.from_numpy(np.stack([s["image_features"] for s in samples]))

@@ -15,9 +15,14 @@ from component.model import BertCLIPModel
 from component.processor import ImageTransform, build_processor, check_tokenizer_fits, load_processor
 from component.training.arguments import ArgumentError, DataArguments, ModelArguments, TowerArguments
 from component.training.collator import ImageTextCollator
-from component.training.dataset import ImageTextDataset, read_image_text_csv
 from component.training.feature_cache import CachedImageTextDataset, Shard, load_or_build_cache
 from component.training.freezing import apply_tower_locks
+from component.training.loaders import (
+    DataLoaderMixin,
+    StreamPositionCallback,
+    build_dataset,
+    check_same_shards,
+)
 from component.training.model_card import model_card, write_model_card
 from component.training.plot import write_training_plot
 from component.training.run_checks import check_data_sizes, check_max_seq_length
@@ -33,6 +38,7 @@ from component.training.run_output import (
     save_final_model,
     stop_when_disk_full,
 )
+from component.training.shards import ShardStream
 from component.training.trainer import (
     BadImageTracker,
     CheckpointMarkerCallback,
@@ -45,6 +51,11 @@ from component.training.trainer import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+class RunTrainer(DataLoaderMixin, CLIPTrainer):
+    """CLIPTrainer with the seeded and streaming train DataLoaders (until CLIPTrainer inherits them)."""
+
 
 CACHE_BARRIER_TIMEOUT = timedelta(hours=48)  # the slowest process's share of the cache pass
 PLOT_FILE = "training_curves.png"
@@ -85,16 +96,23 @@ def build_model_and_processor(model_args: ModelArguments):
     return model, processor
 
 
-def build_datasets(data_args: DataArguments, transform: ImageTransform):
-    """Training and (optional) test datasets over the CSV rows."""
-    train_rows = read_image_text_csv(data_args.train_file, data_args.csv_encoding)
-    train = ImageTextDataset(train_rows, data_args.image_path, transform, draft=data_args.draft_decode)
+def build_datasets(
+    data_args: DataArguments, transform: ImageTransform, training_args: TrainingArguments, stream: bool = True
+):
+    """Training and (optional) test datasets: CSV rows, or webdataset shards (loaders.build_dataset);
+    training shards are streamed unless `stream` is False (cached image features need an index)."""
+    train = build_dataset(data_args.train_file, data_args, transform, training_args, stream=stream)
     test = None
     if data_args.test_file:
-        test_rows = read_image_text_csv(data_args.test_file, data_args.csv_encoding)
-        test = ImageTextDataset(test_rows, data_args.image_path, transform, draft=data_args.draft_decode)
-    logger.info(f"{len(train)} training rows" + (f", {len(test)} test rows" if test else ""))
+        test = build_dataset(data_args.test_file, data_args, transform, training_args, stream=False)
+    logger.info(f"{len(train)} training samples" + (f", {len(test)} test samples" if test else ""))
     return train, test
+
+
+def check_sizes(train_dataset, training_args: TrainingArguments) -> None:
+    """run_checks' data-size checks; a stream yields whole batches on every rank by construction."""
+    if not isinstance(train_dataset, ShardStream):
+        check_data_sizes(train_dataset, training_args)
 
 
 def cache_shard() -> Shard:
@@ -125,9 +143,13 @@ def cache_image_features(model, train_dataset, test_dataset, training_args: Trai
     return tuple(cached)
 
 
-def build_callbacks(tower_args: TowerArguments, arguments: dict) -> list:
-    """The toolkit's callbacks; the arguments record is written into a checkpoint before its marker."""
-    callbacks = [LogitScaleClampCallback(), ArgumentsRecordCallback(arguments), CheckpointMarkerCallback()]
+def build_callbacks(tower_args: TowerArguments, arguments: dict, train_dataset=None) -> list:
+    """The toolkit's callbacks; the arguments record (and a stream's shard list) is written into a
+    checkpoint before its marker."""
+    callbacks = [LogitScaleClampCallback(), ArgumentsRecordCallback(arguments)]
+    if isinstance(train_dataset, ShardStream):
+        callbacks.append(StreamPositionCallback(train_dataset))
+    callbacks.append(CheckpointMarkerCallback())
     if tower_args.unlock_vision_at is not None:
         patience = tower_args.unlock_patience if tower_args.unlock_vision_at == "plateau" else None
         callbacks.append(VisionUnlockCallback(unlock_step=tower_args.unlock_step, plateau_patience=patience))
@@ -180,8 +202,9 @@ def train_evaluate_save(
     model, processor = build_model_and_processor(model_args)
     check_max_seq_length(data_args.max_seq_length, model.config)
     transform = ImageTransform.from_processor(processor)
-    train_dataset, test_dataset = build_datasets(data_args, transform)
-    check_data_sizes(train_dataset, training_args)
+    stream = not tower_args.cache_image_features  # cached features need an index of the shards
+    train_dataset, test_dataset = build_datasets(data_args, transform, training_args, stream)
+    check_sizes(train_dataset, training_args)
     row_counts = {data_args.train_file: len(train_dataset)}
     if test_dataset is not None:
         row_counts[data_args.test_file] = len(test_dataset)
@@ -200,14 +223,14 @@ def train_evaluate_save(
     tracker = BadImageTracker(
         data_args.max_bad_image_fraction, min_samples_before_bad_image_check(len(train_dataset))
     )
-    trainer = CLIPTrainer(
+    trainer = RunTrainer(
         model=model,
         args=training_args,
         data_collator=ImageTextCollator(processor, transform, data_args.max_seq_length),
         train_dataset=train_dataset,
         eval_dataset=test_dataset,
         processing_class=processor,
-        callbacks=[*build_callbacks(tower_args, arguments), *extra_callbacks],
+        callbacks=[*build_callbacks(tower_args, arguments, train_dataset), *extra_callbacks],
         tower_args=tower_args,
         bad_image_tracker=tracker,
     )
@@ -245,6 +268,7 @@ def train(trainer: CLIPTrainer, arguments: dict) -> dict:
     output_dir = trainer.args.output_dir
     resume, resumed_at = resume_point(trainer.args)
     if resume:
+        check_same_shards(resume, trainer.train_dataset)
         logger.warning(f"resuming from {resume} (step {resumed_at})")
         for change in changed_arguments(resume, arguments):
             logger.warning(f"argument changed since {Path(resume).name}: {change}")
