@@ -329,3 +329,18 @@ def test_csv_test_file_gives_the_recall_of_its_image_files(model_arg, tiny_check
     expected = retrieval_metrics(image_embeds, text_embeds, torch.arange(len(rows)))
     assert results["toolkit"] == pytest.approx(expected, abs=TOLERANCE)
     assert results["data"]["pairs"] == results["data"]["images"] == len(rows) == 16
+
+
+def test_webdataset_shards_evaluate_as_the_csv_they_were_written_from(model_arg, shapes, tmp_path):
+    from _shards import write_img2dataset_shards
+
+    write_img2dataset_shards(shapes / "test.csv", shapes / "images", tmp_path / "shards", shard_size=10)
+    pattern = str(tmp_path / "shards" / "{00000..00001}.tar")
+    from_shards = run_evaluate([*model_arg, "--test_file", pattern], tmp_path)
+    from_csv = run_evaluate(
+        [*model_arg, "--test_file", str(shapes / "test.csv"), "--image_path", str(shapes / "images")],
+        tmp_path,
+    )
+    assert from_shards["toolkit"] == pytest.approx(from_csv["toolkit"], abs=TOLERANCE)
+    assert from_shards["cn_clip"] == pytest.approx(from_csv["cn_clip"], abs=TOLERANCE)
+    assert from_shards["data"]["pairs"] == from_shards["data"]["images"] == 16

@@ -1,8 +1,8 @@
 """Test data from any map-style data source, and the source for a path: a CSV or Chinese-CLIP's formats.
 
 `open_source` picks the source from the path: a `*.csv` (with `image_path`, the toolkit's CSV
-format), a `*_texts.jsonl` (its images in the sibling `*_imgs.tsv`) or a directory (a Chinese-CLIP
-LMDB). Training and evaluation read all of them through the `ImageTextSource` interface.
+format), a `*_texts.jsonl` (its images in the sibling `*_imgs.tsv`), a Chinese-CLIP LMDB directory,
+or webdataset shards. Evaluation reads all of them through the `ImageTextSource` interface.
 """
 
 import io
@@ -13,9 +13,11 @@ from typing import BinaryIO
 
 from component.errors import InputError
 from component.training.dataset import read_image_text_csv
+from component.training.shards import TarSource
 from component.training.sources import CsvSource, ImageTextSource, PairReaderSource
 from datatools.cn_clip_data import is_cn_clip_data, open_cn_clip_data
 from datatools.images import RejectedError
+from datatools.shards import is_shard_spec, list_shards
 
 
 class CnClipSource(PairReaderSource):
@@ -39,12 +41,15 @@ class CnClipSource(PairReaderSource):
 def open_source(
     path: str | Path, image_path: str | Path | None = None, csv_encoding: str | None = None
 ) -> ImageTextSource:
-    """The map-style source of a CSV (with `image_path`), a `*_texts.jsonl` or a Chinese-CLIP LMDB."""
+    """The map-style source of a CSV (with `image_path`), a `*_texts.jsonl`, a Chinese-CLIP LMDB, or
+    webdataset shards (a .tar, a brace pattern, a glob or a directory of them)."""
+    if is_cn_clip_data(path):  # before shards: a directory may be either
+        return CnClipSource(path)
+    if is_shard_spec(path):
+        return TarSource(list_shards(path), str(path))
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or directory")
-    if is_cn_clip_data(path):
-        return CnClipSource(path)
     if path.suffix.lower() == ".csv":
         if image_path is None:
             raise InputError(
@@ -53,7 +58,7 @@ def open_source(
         return CsvSource(read_image_text_csv(path, csv_encoding), image_path)
     raise InputError(
         f"{path}: unknown kind of data; expected a .csv (with image_path), a Chinese-CLIP "
-        "*_texts.jsonl (with its *_imgs.tsv beside it) or a Chinese-CLIP LMDB directory"
+        "*_texts.jsonl (with its *_imgs.tsv beside it), a Chinese-CLIP LMDB directory or webdataset shards"
     )
 
 

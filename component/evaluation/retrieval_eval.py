@@ -15,7 +15,8 @@ from component.errors import InputError
 from component.evaluation.cn_clip_protocol import cn_clip_retrieval_metrics
 from component.evaluation.eval_data import EvalSet
 from component.evaluation.metrics import retrieval_metrics, trivial_recall_note
-from datatools.images import RejectedError, load_rgb
+from component.processor import ImageTransform
+from datatools.images import RejectedError
 
 logger = logging.getLogger(__name__)
 
@@ -23,12 +24,14 @@ IMAGES_PER_CHUNK = 1024  # decoded images held in memory at once
 DECODING_THREADS = 8
 
 
-def decoded(image: Path | BinaryIO, key: str, source: str) -> Path | Image.Image:
-    """A path as it is (`encode_images` reads it), a binary file object decoded to RGB."""
+def decoded(image: Path | BinaryIO, key: str, source: str, transform: ImageTransform) -> Path | Image.Image:
+    """A path as it is (`encode_images` reads it), a binary file object decoded to RGB as
+    `encode_images` decodes a file (a large JPEG in draft mode), so that an image's embedding does
+    not depend on whether it came from a file, a tsv, an LMDB or a shard."""
     if isinstance(image, Path):
         return image
     try:
-        return load_rgb(image)
+        return transform.load(image, draft=True)
     except RejectedError as error:
         raise InputError(f"{source}: image {key} cannot be decoded ({error})") from None
 
@@ -41,6 +44,7 @@ def encode_image_keys(
     Images are read in this thread (an LMDB transaction must stay in its thread) and decoded in a few.
     """
     chunks = []
+    transform = ImageTransform.from_processor(processor)
     starts = range(0, len(keys), IMAGES_PER_CHUNK)
     with ThreadPoolExecutor(DECODING_THREADS) as pool:
         for start in tqdm(
@@ -48,7 +52,8 @@ def encode_image_keys(
         ):
             chunk = keys[start : start + IMAGES_PER_CHUNK]
             files = [eval_set.open_image(key) for key in chunk]
-            inputs = list(pool.map(decoded, files, chunk, [eval_set.source] * len(chunk)))
+            sources = [eval_set.source] * len(chunk)
+            inputs = list(pool.map(decoded, files, chunk, sources, [transform] * len(chunk)))
             chunks.append(
                 encode_images(model, processor, inputs, batch_size, progress=len(starts) < 2 and progress)
             )
