@@ -3,6 +3,7 @@
     python evaluate.py --model_name_or_path DIR --test_file data/test.csv --image_path data/images
     python evaluate.py --model_name_or_path DIR --test_file MUGE/valid_texts.jsonl   # + valid_imgs.tsv
     python evaluate.py --model_name_or_path DIR --test_file MUGE/lmdb/valid          # Chinese-CLIP LMDB
+    python evaluate.py --model_name_or_path DIR --test_file "shards/{00000..00009}.tar"  # webdataset
     python evaluate.py --model_name_or_path output/run                               # its own test_file
     python evaluate.py --model_name_or_path DIR --zeroshot_labels label_cn.txt --zeroshot_images val/
 
@@ -44,7 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--test_file",
         help="a CSV (text, filename), a Chinese-CLIP *_texts.jsonl (with *_imgs.tsv beside it) or "
-        "LMDB directory; default: the test_file the model was trained with (toolkit_args.json)",
+        "LMDB directory, or webdataset shards (a .tar, brace pattern, glob or directory); default: the "
+        "test_file the model was trained with (toolkit_args.json)",
     )
     parser.add_argument(
         "--image_path", help="the folder a CSV's filenames (and --zeroshot_images CSV's) are in"
