@@ -243,17 +243,29 @@ def is_cn_clip_lmdb(path: str | Path) -> bool:
     return path.is_dir() and all((path / part / "data.mdb").is_file() for part in LMDB_PARTS)
 
 
+# py-lmdb refuses to open one environment twice in a process, and a forked DataLoader worker
+# inherits its parent's: so each database file is opened once and shared, by the readers of one
+# process (a train and a test set on the same LMDB) and by its forked workers. Read-only and
+# without a lock file, an inherited environment is safe to read; each process begins its own
+# transactions. Keyed by the data file's identity, so that a file replaced on disk is opened anew.
+_ENVIRONMENTS: dict[tuple[str, int, int], object] = {}
+
+
 def open_lmdb_read_only(path: Path):
     """An LMDB environment opened read-only, without a lock file and mapped at the data file's own
     size: cn_clip's 1 TiB map_size is what fails on small machines and Windows (its issue #281)."""
     import lmdb  # only LMDB data sets need it
 
-    size = max((path / "data.mdb").stat().st_size, 1 << 20)
-    try:
-        return lmdb.open(str(path), readonly=True, lock=False, create=False, readahead=False,
-                         meminit=False, map_size=size)  # fmt: skip
-    except lmdb.Error as error:
-        raise CnClipDataError(f"{path}: not an LMDB database ({error})") from None
+    status = (path / "data.mdb").stat()
+    key = (os.path.realpath(path), status.st_dev, status.st_ino)
+    if key not in _ENVIRONMENTS:
+        try:
+            _ENVIRONMENTS[key] = lmdb.open(str(path), readonly=True, lock=False, create=False,
+                                           readahead=False, meminit=False,
+                                           map_size=max(status.st_size, 1 << 20))  # fmt: skip
+        except lmdb.Error as error:
+            raise CnClipDataError(f"{path}: not an LMDB database ({error})") from None
+    return _ENVIRONMENTS[key]
 
 
 class LmdbData:
@@ -261,7 +273,7 @@ class LmdbData:
 
     pairs: keys b"0".."n-1" -> pickle of (image_id, text_id, text), and b"num_samples" -> n.
     imgs: key str(image_id) -> base64 (URL-safe or standard) of the image, and b"num_images".
-    The databases are opened lazily in each process, so that forked DataLoader workers get their own.
+    Each process (a forked DataLoader worker too) reads in its own transactions, begun on first use.
     """
 
     def __init__(self, path: str | Path):
@@ -280,7 +292,7 @@ class LmdbData:
             self.pair(0)  # a foreign LMDB fails here, at once, naming the key
 
     def _transaction(self, part: str):
-        # One read-only transaction per database and process: an LMDB environment must not cross a fork.
+        # One read-only transaction per database and process: a transaction must not cross a fork.
         if self._pid != os.getpid():
             environments = {p: open_lmdb_read_only(self.path / p) for p in LMDB_PARTS}
             self._transactions = {p: environment.begin() for p, environment in environments.items()}

@@ -212,3 +212,25 @@ def test_only_jsonl_files_and_lmdb_like_directories_are_cn_clip_data(tmp_path):
     assert not is_cn_clip_data(tmp_path / "shards")  # left to the shard reader
     assert is_cn_clip_data(tmp_path / "half_lmdb")  # refused by LmdbData, naming pairs/data.mdb
     assert is_cn_clip_data(tmp_path / "valid_texts.jsonl") and not is_cn_clip_data(tmp_path / "test.csv")
+
+
+@needs_lmdb
+@needs_cn_clip
+def test_one_lmdb_read_by_two_readers_and_by_forked_workers(tmp_path):
+    from torch.utils.data import DataLoader
+
+    lmdb_dir = build_lmdb_with_cn_clip(write_cn_clip_split(tmp_path).parent)
+    train, test = LmdbData(lmdb_dir), LmdbData(lmdb_dir)  # a train_file and a test_file on one LMDB
+    assert pairs_of(train) == pairs_of(test) == EXPECTED_PAIRS
+
+    class Images:
+        def __len__(self):
+            return len(train)
+
+        def __getitem__(self, index):
+            return train.image_bytes(train.pair(index)[1])
+
+    loader = DataLoader(Images(), batch_size=1, num_workers=2, multiprocessing_context="fork",
+                        collate_fn=lambda batch: batch[0])  # fmt: skip
+    expected = [image_bytes(COLORS[int(image) - 1000]) for _, image in EXPECTED_PAIRS]
+    assert list(loader) == expected

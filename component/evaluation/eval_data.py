@@ -8,11 +8,12 @@ or webdataset shards. Evaluation reads all of them through the `ImageTextSource`
 import io
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import BinaryIO
 
 from component.errors import InputError
-from component.training.dataset import read_image_text_csv
+from component.training.dataset import ImageTextRows, StringColumn, read_image_text_csv
 from component.training.shards import TarSource
 from component.training.sources import CsvSource, ImageTextSource, PairReaderSource
 from datatools.cn_clip_data import is_cn_clip_data, open_cn_clip_data
@@ -36,6 +37,13 @@ class CnClipSource(PairReaderSource):
 
     def open_image_key(self, image_key: str) -> BinaryIO:
         return io.BytesIO(self.reader.image_bytes(image_key))
+
+    @cached_property
+    def rows(self) -> ImageTextRows:
+        """Captions and image ids packed as a CSV source's rows hold texts and filenames (training's
+        evaluation and its bad-image log read them); built on first use, in one pass."""
+        texts, image_ids = StringColumn.pack_pairs(self.reader.pair(i) for i in range(len(self)))
+        return ImageTextRows(texts, image_ids, self.name)
 
 
 def open_source(
