@@ -2,7 +2,7 @@
 
 The first run reads the CSV (`read_image_text_csv`) and writes the packed columns as .npy files
 into a directory named by a key of the CSV (its resolved path, size, modification time, a
-digest of its first and last MiB, the encoding asked for and the format version). Later runs,
+digest of its first and last 64 KiB, the encoding asked for and the format version). Later runs,
 every rank and every DataLoader worker map those files: start-up no longer grows with the
 rows, and the pages are shared through the page cache instead of copied per process.
 
@@ -26,7 +26,7 @@ from component.training.dataset import DataError, ImageTextRows, StringColumn, r
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-EDGE_BYTES = 1 << 20  # the head and tail hashed into the key
+EDGE_BYTES = 1 << 16  # the head and tail hashed into the key
 
 
 def csv_key(path: Path, encoding: str | None) -> str:
