@@ -123,7 +123,7 @@ def search_once(port: int, path: str) -> float:
         body = response.read()
     finally:
         connection.close()
-    if response.status != 200 or len(json.loads(body)["results"]) != TOP_K:
+    if response.status != 200 or not json.loads(body)["results"]:
         raise RuntimeError(f"{path}: {response.status} {body[:200]!r}")
     return time.perf_counter() - started
 

@@ -4,7 +4,10 @@ input (4xx with a JSON reason, never a 500), SigLIP probabilities, and 200 reque
 import base64
 import json
 import math
+import re
 import threading
+import time
+import urllib.request
 from pathlib import Path
 from urllib.parse import quote
 
@@ -17,10 +20,12 @@ from _service import fetch, limits, serving, write_siglip_checkpoint
 from test_retrieval import draw_images
 
 import predict_similarity
+import retrieval
 from component.encoding import encode_images, encode_texts
 from component.retrieval.api_models import MAX_IMAGES, MAX_TEXTS, MAX_TOP_K
 from component.retrieval.images import images_in_directory
 from component.retrieval.index import RetrievalIndex, results_document
+from component.retrieval.server import SearchServer
 
 NAMES = ["a.png", "b.png", "c.png", "d.jpg", "e.png"]
 TEXTS = ["一只猫", "红色的汽车停在路边", "蓝天白云"]
@@ -228,6 +233,35 @@ def test_200_requests_from_16_threads_are_all_answered_correctly(server, index):
     assert len(answers) == 200 and {status for _, status, _ in answers} == {200}
     for query, _, document in answers:
         assert_same_results(document, expected[query])
+
+
+def test_retrieval_py_serve_answers_on_the_address_it_prints(capsys, monkeypatch, index_dir):
+    answers, serve_forever = [], SearchServer.run
+
+    def run_briefly(server) -> None:  # instead of serving until Ctrl+C
+        thread = threading.Thread(target=serve_forever, args=(server,), daemon=True)
+        thread.start()
+        try:
+            while not server.server.started and thread.is_alive():
+                time.sleep(0.01)
+            url = re.search(r"at (http://\S+) with the torch backend", capsys.readouterr().out).group(1)
+            with urllib.request.urlopen(url + "healthz", timeout=30) as response:
+                answers.append(json.loads(response.read()))
+        finally:
+            server.stop()
+            thread.join(10)
+
+    monkeypatch.setattr(SearchServer, "run", run_briefly)
+    retrieval.main(["serve", "--index", str(index_dir), "--port", "0", "--device", "cpu"])
+    assert answers and answers[0]["images"] == len(NAMES)
+
+
+def test_the_benchmarks_load_generator_gets_every_answer(server):
+    from benchmarks.bench_service import run_load
+
+    figures = run_load(server.port, "q", clients=4, requests=12, offset=0)
+    assert (figures["requests"], figures["errors"]) == (12, 0)
+    assert figures["queries_per_s"] > 0 and figures["latency_ms_p99"] >= figures["latency_ms_p50"] > 0
 
 
 # --- scores follow the loss ---
