@@ -160,3 +160,11 @@ def test_tar_source_counts_a_shared_image_once(shards, transform):
     assert source.image_key(0) == source.image_key(24) and source.image_key(0) != source.image_key(1)
     image = transform.load(source.open_image(3))
     assert np.asarray(image).shape[2] == 3 and source.sample_key(3) == "000000003"
+
+
+def test_a_shard_that_is_not_a_tar_is_one_counted_bad_sample(shards, transform, tmp_path):
+    fake = tmp_path / "fake.tar"
+    fake.write_bytes(b"<html>not found</html>" * 100)
+    samples = list(stream([fake, shards[0]], transform, shuffle_buffer=1, batch_size=1, seed=0))
+    bad = [message for sample in samples[:6] for message in sample["bad_images"]]  # one pass
+    assert len(bad) == 1 and "fake.tar: not a tar file" in bad[0]

@@ -29,7 +29,7 @@ from component.training.dataset import (
     StringColumn,
     describe_load_error,
 )
-from datatools.shards import TarSample, iter_tar_samples, read_member
+from datatools.shards import ShardError, TarSample, iter_tar_samples, read_member
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ class ShardStream(IterableDataset):
         while True:
             usable = 0
             for shard in mine:
-                for sample in iter_tar_samples(self.shards[shard]):
+                for sample in self.samples_of(self.shards[shard]):
                     usable += sample.problem is None
                     if len(buffer) < self.shuffle_buffer:
                         buffer.append(sample)
@@ -166,6 +166,15 @@ class ShardStream(IterableDataset):
             if not usable:
                 names = ", ".join(str(self.shards[s]) for s in mine[:3])
                 raise DataError(f"{names}: no usable sample (an image and a caption) in these shards")
+
+    @staticmethod
+    def samples_of(shard: Path) -> Iterator[TarSample]:
+        """A shard's samples; a shard that cannot be read (not a tar, no permission) is one bad
+        sample, counted like a bad image, and the stream goes on."""
+        try:
+            yield from iter_tar_samples(shard)
+        except ShardError as error:
+            yield TarSample(shard, "(whole shard)", problem=str(error))
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
