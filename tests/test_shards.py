@@ -168,3 +168,19 @@ def test_a_shard_that_is_not_a_tar_is_one_counted_bad_sample(shards, transform, 
     samples = list(stream([fake, shards[0]], transform, shuffle_buffer=1, batch_size=1, seed=0))
     bad = [message for sample in samples[:6] for message in sample["bad_images"]]  # one pass
     assert len(bad) == 1 and "fake.tar: not a tar file" in bad[0]
+
+
+def test_arg_checks_name_a_shard_pattern_that_matches_nothing(shards, tmp_path):
+    from types import SimpleNamespace
+
+    from component.training.arg_checks import check_paths
+    from component.training.arguments import ArgumentError
+
+    model_args = SimpleNamespace(model_name_or_path=str(tmp_path))
+    data = SimpleNamespace(train_file=str(shards[0].parent / "{00000..00004}.tar"), image_path=str(tmp_path),
+                           test_file=str(tmp_path / "nothing" / "*.tar"))  # fmt: skip
+    with pytest.raises(
+        ArgumentError, match=r"args.json: test_file: .*nothing/\*\.tar: no \.tar shard matches"
+    ):
+        check_paths("args.json", model_args, data)
+    check_paths("args.json", model_args, SimpleNamespace(**{**vars(data), "test_file": None}))
