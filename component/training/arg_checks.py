@@ -111,7 +111,7 @@ def check_paths(path: str | Path, model_args, data_args) -> None:
             raise ArgumentError(
                 f"{path}: {key} {value!r} does not exist (relative paths are read from {os.getcwd()})"
             )
-    if not os.path.isdir(data_args.image_path):
+    if data_args.image_path and not os.path.isdir(data_args.image_path):
         raise ArgumentError(f"{path}: image_path {data_args.image_path!r} is not a directory")
     model_keys = ["model_name_or_path"] if model_args.model_name_or_path else [
         "clip_pretrain_path", "text_pretrain_path"]  # fmt: skip
