@@ -22,7 +22,8 @@ import datatools.shard_writer
 import download_image
 from datatools.shard_writer import Part, ShardedOutput, ShardLayout
 
-FAST = ["--timeout", "0.5", "--deadline", "1.5", "--retries", "0", "--short_side", "40"]
+# Generous: under load a connection may wait for a full listen backlog; bad rows fail at once all the same.
+FAST = ["--timeout", "5", "--deadline", "20", "--retries", "2", "--backoff", "0.05", "--short_side", "40"]
 SHARD_SIZE = 5
 ROWS = 23  # five shards, the last one of three rows
 BAD_ROWS = {3: ("/missing", "http_404"), 8: ("/html", "not_an_image"), 12: ("ftp://x/1.jpg", "bad_url")}
@@ -194,13 +195,13 @@ def test_ctrl_c_keeps_finished_shards_and_discards_the_one_being_written(single_
     def interrupted_in_shard_1(self, rows):
         for index, task in enumerate(planned(self, rows)):
             if index == SHARD_SIZE + 2:
-                time.sleep(0.3)  # shard 0's downloads finish
                 raise KeyboardInterrupt
             yield task
 
     monkeypatch.setattr(ShardedOutput, "tasks", interrupted_in_shard_1)
     output = tmp_path / "out"
-    assert run(single_run["csv"], output) == 130
+    # One thread keeps at most two rows in flight, so shard 0 is complete before the interrupt.
+    assert run(single_run["csv"], output, threads=1) == 130
     assert tar_contents(output) == {"00000.tar": single_run["contents"]["00000.tar"]}
     assert json.loads((output / "sizes.json").read_text()) == {"00000.tar": 4}
     assert leftovers(output) == [] and not (output / "00001_stats.json").exists()
@@ -239,9 +240,11 @@ def test_a_full_disk_stops_the_run_with_one_line_and_leaves_no_temp_files(
     output = tmp_path / "out"
     assert run(single_run["csv"], output) == 1
     err = capsys.readouterr().err
-    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(
-        f"error: cannot write to {output}"
-    )
+    # The loopback server's own threads may print a broken pipe when the run drops its connections.
+    ours = [block for block in err.split("Traceback")[1:] if "socketserver.py" not in block]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert ours == [] and len(errors) == 1 and errors[0].startswith(f"error: cannot write to {output}")
+    assert "No space left on device" in errors[0]
     assert leftovers(output) == [] and not list(output.glob("*.tar"))
 
 
