@@ -54,11 +54,25 @@ def gather_with_grad(features: torch.Tensor) -> tuple[torch.Tensor, int]:
     return _AllGatherWithGrad.apply(features.contiguous()), dist.get_rank() * features.shape[0]
 
 
-def _check_pairs(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> None:
+def _check_pairs(
+    image_embeds: torch.Tensor, text_embeds: torch.Tensor, same_caption: torch.Tensor | None = None
+) -> None:
     if image_embeds.shape != text_embeds.shape:
         raise ValueError(
             f"image and text embeddings differ in shape: {image_embeds.shape} vs {text_embeds.shape}"
         )
+    global_batch = image_embeds.shape[0] * world_size()
+    if same_caption is not None and same_caption.shape != (image_embeds.shape[0], global_batch):
+        raise ValueError(
+            f"same_caption must be [batch, global batch] = [{image_embeds.shape[0]}, {global_batch}], "
+            f"got {list(same_caption.shape)}"
+        )
+
+
+def _own_pairs(batch: int, offset: int, global_batch: int, device: torch.device) -> torch.Tensor:
+    """[batch, global batch] bool, True where column j holds row i's own pair (j = offset + i)."""
+    columns = torch.arange(global_batch, device=device)
+    return columns.unsqueeze(0) == torch.arange(offset, offset + batch, device=device).unsqueeze(1)
 
 
 def contrastive_loss(
@@ -66,6 +80,7 @@ def contrastive_loss(
     text_embeds: torch.Tensor,
     logit_scale: torch.Tensor,
     logit_bias: torch.Tensor | None = None,
+    same_caption: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean of image->text and text->image cross-entropy; row i of each input is a matching pair.
 
@@ -75,11 +90,14 @@ def contrastive_loss(
         logit_scale: log of the inverse temperature, clamped to at most ln(100).
         logit_bias: not used by this loss (a softmax ignores a constant); accepted so that every
             loss takes the same arguments.
+        same_caption: optional [batch, global batch] bool, True where row i's caption equals global
+            row j's. Such pairs (other than row i's own) are left out of both softmaxes: an image
+            whose caption is the same text is not a negative (`dedupe_captions_in_batch`).
 
     When `torch.distributed` runs with several ranks, each rank's rows are contrasted
     against the whole global batch.
     """
-    _check_pairs(image_embeds, text_embeds)
+    _check_pairs(image_embeds, text_embeds, same_caption)
     scale = logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
     all_image_embeds, offset = gather_with_grad(image_embeds)
     all_text_embeds, _ = gather_with_grad(text_embeds)
@@ -87,8 +105,15 @@ def contrastive_loss(
     logits_per_image = scale * image_embeds @ all_text_embeds.T  # [batch, global batch]
     logits_per_text = scale * text_embeds @ all_image_embeds.T  # [batch, global batch]
     dtype = torch.promote_types(logits_per_image.dtype, torch.float32)  # no half-precision softmax
-    image_loss = F.cross_entropy(logits_per_image.to(dtype), labels)
-    text_loss = F.cross_entropy(logits_per_text.to(dtype), labels)
+    logits_per_image, logits_per_text = logits_per_image.to(dtype), logits_per_text.to(dtype)
+    if same_caption is not None:
+        # Caption equality is symmetric, so one mask serves both directions.
+        own = _own_pairs(len(labels), offset, logits_per_image.shape[1], logits_per_image.device)
+        duplicates = same_caption.to(logits_per_image.device) & ~own
+        logits_per_image = logits_per_image.masked_fill(duplicates, -math.inf)
+        logits_per_text = logits_per_text.masked_fill(duplicates, -math.inf)
+    image_loss = F.cross_entropy(logits_per_image, labels)
+    text_loss = F.cross_entropy(logits_per_text, labels)
     return (image_loss + text_loss) / 2
 
 
@@ -97,6 +122,7 @@ def siglip_loss(
     text_embeds: torch.Tensor,
     logit_scale: torch.Tensor,
     logit_bias: torch.Tensor | None = None,
+    same_caption: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sigmoid loss (Zhai et al. 2023, "Sigmoid Loss for Language Image Pre-Training").
 
@@ -110,16 +136,21 @@ def siglip_loss(
         text_embeds: L2-normalised text embeddings of this rank, [batch, dim].
         logit_scale: log of the scale, a scalar.
         logit_bias: the learnt bias, a scalar (SigLIP starts it at -10).
+        same_caption: optional [batch, global batch] bool, True where row i's caption equals global
+            row j's. Such pairs count as matches (z = +1): image j does fit caption i, word for word,
+            and each pair is its own binary decision, so a sigmoid loss takes several positives per
+            row as they are (as FFF, Bulat et al. 2024, does for its mined false negatives).
     """
-    _check_pairs(image_embeds, text_embeds)
+    _check_pairs(image_embeds, text_embeds, same_caption)
     if logit_bias is None:
         raise ValueError("the siglip loss needs the model's logit_bias")
     all_text_embeds, offset = gather_with_grad(text_embeds)
     dtype = torch.promote_types(image_embeds.dtype, torch.float32)  # no half-precision log-sigmoid
     logits = logit_scale.exp() * image_embeds.to(dtype) @ all_text_embeds.to(dtype).T + logit_bias
-    signs = -torch.ones_like(logits)  # [batch, global batch]
-    rows = torch.arange(image_embeds.shape[0], device=logits.device)
-    signs[rows, rows + offset] = 1.0
+    matches = _own_pairs(image_embeds.shape[0], offset, logits.shape[1], logits.device)
+    if same_caption is not None:
+        matches = matches | same_caption.to(logits.device)
+    signs = torch.where(matches, 1.0, -1.0).to(dtype)  # z, [batch, global batch]
     return -F.logsigmoid(signs * logits).sum() / image_embeds.shape[0]
 
 

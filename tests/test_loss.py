@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from component.loss import MAX_LOGIT_SCALE, contrastive_loss, get_loss, siglip_loss
+from component.training.losses import same_caption_mask
 
 
 def naive_loss(image_embeds, text_embeds, logit_scale):
@@ -36,6 +37,40 @@ def naive_siglip_loss(image_embeds, text_embeds, logit_scale, logit_bias):
             z = 1.0 if i == j else -1.0
             total += math.log1p(math.exp(-z * logit))
     return total / n
+
+
+def naive_masked_loss(image_embeds, text_embeds, logit_scale, same):
+    """CLIP's loss with the same-caption pairs other than a row's own left out of both softmaxes."""
+    scale = math.exp(logit_scale)
+    n = image_embeds.shape[0]
+    total = 0.0
+    for i in range(n):
+        kept = [j for j in range(n) if j == i or not same[i][j]]
+        image_row = {j: scale * float(image_embeds[i] @ text_embeds[j]) for j in kept}
+        text_row = {j: scale * float(text_embeds[i] @ image_embeds[j]) for j in kept}
+        total += -image_row[i] + math.log(sum(math.exp(x) for x in image_row.values()))
+        total += -text_row[i] + math.log(sum(math.exp(x) for x in text_row.values()))
+    return total / (2 * n)
+
+
+def naive_masked_siglip_loss(image_embeds, text_embeds, logit_scale, logit_bias, same):
+    """SigLIP's loss where a pair with the same caption is a match (z = +1)."""
+    n = image_embeds.shape[0]
+    total = 0.0
+    for i in range(n):
+        for j in range(n):
+            logit = math.exp(logit_scale) * float(image_embeds[i] @ text_embeds[j]) + logit_bias
+            z = 1.0 if i == j or same[i][j] else -1.0
+            total += math.log1p(math.exp(-z * logit))
+    return total / n
+
+
+CAPTIONS = [0, 1, 0, 2, 1, 0]  # rows 0, 2, 5 share a caption, and rows 1, 4
+
+
+def caption_mask(captions):
+    ids = torch.tensor(captions)
+    return ids.unsqueeze(1) == ids.unsqueeze(0)
 
 
 def random_embeds(n, dim, seed):
@@ -79,6 +114,32 @@ def test_siglip_scale_is_not_clamped():
     assert scale.grad.item() != 0.0
 
 
+def test_clip_loss_leaves_same_caption_pairs_out_of_both_softmaxes():
+    images, texts = random_embeds(6, 8, 8), random_embeds(6, 8, 9)
+    same = caption_mask(CAPTIONS)
+    loss = contrastive_loss(images, texts, torch.tensor(2.0, dtype=torch.float64), same_caption=same)
+    assert abs(loss.item() - naive_masked_loss(images, texts, 2.0, same.tolist())) < 1e-9
+    # a mask with only the diagonal is the plain loss
+    plain = contrastive_loss(
+        images, texts, torch.tensor(2.0, dtype=torch.float64), same_caption=torch.eye(6) > 0
+    )
+    assert abs(plain.item() - naive_loss(images, texts, 2.0)) < 1e-9
+
+
+def test_siglip_loss_counts_same_caption_pairs_as_matches():
+    images, texts = random_embeds(6, 8, 10), random_embeds(6, 8, 11)
+    same = caption_mask(CAPTIONS)
+    scale, bias = torch.tensor(1.5, dtype=torch.float64), torch.tensor(-2.0, dtype=torch.float64)
+    loss = siglip_loss(images, texts, scale, bias, same_caption=same)
+    assert abs(loss.item() - naive_masked_siglip_loss(images, texts, 1.5, -2.0, same.tolist())) < 1e-9
+
+
+def test_a_same_caption_mask_of_the_wrong_shape_is_refused():
+    images = random_embeds(4, 8, 12)
+    with pytest.raises(ValueError, match=r"same_caption must be \[batch, global batch\]"):
+        contrastive_loss(images, images, torch.tensor(1.0), same_caption=torch.ones(4, 3, dtype=torch.bool))
+
+
 def test_losses_are_chosen_by_name():
     assert get_loss("clip") is contrastive_loss and get_loss("siglip") is siglip_loss
     with pytest.raises(ValueError, match="unknown loss 'sigmoid'"):
@@ -96,20 +157,32 @@ def tower_inputs():
     return image_inputs, text_inputs, weights
 
 
-def loss_and_grads(image_inputs, text_inputs, weights, loss_name="clip"):
+def loss_and_grads(image_inputs, text_inputs, weights, loss_name="clip", same_caption=None):
     """Loss of two linear 'towers' and the gradients of their weights, the logit scale and bias."""
     image_weight, text_weight = (w.clone().requires_grad_(True) for w in weights)
     logit_scale = torch.tensor(2.3, dtype=torch.float64, requires_grad=True)
     logit_bias = torch.tensor(-2.0, dtype=torch.float64, requires_grad=True)
     image_embeds = F.normalize(image_inputs @ image_weight, dim=-1)
     text_embeds = F.normalize(text_inputs @ text_weight, dim=-1)
-    loss = get_loss(loss_name)(image_embeds, text_embeds, logit_scale, logit_bias)
+    loss = get_loss(loss_name)(image_embeds, text_embeds, logit_scale, logit_bias, same_caption=same_caption)
     loss.backward()
     bias_grad = logit_bias.grad if logit_bias.grad is not None else torch.zeros_like(logit_bias)
     return loss.detach(), [image_weight.grad, text_weight.grad, logit_scale.grad, bias_grad]
 
 
 LOSS_NAMES = ("clip", "siglip")
+GLOBAL_CAPTIONS = torch.tensor(CAPTIONS)  # WORLD * LOCAL_BATCH rows; duplicates across the ranks
+
+
+def token_rows(captions, rank):
+    """Token ids of `captions`, padded to a length that differs between the ranks (as a collator's do)."""
+    length = 4 + rank
+    ids = torch.zeros(len(captions), length, dtype=torch.long)
+    mask = torch.zeros(len(captions), length, dtype=torch.long)
+    for row, caption in enumerate(captions.tolist()):
+        tokens = [101, 7 + caption, 102][: 2 + (caption > 0)]  # captions of 2 or 3 tokens
+        ids[row, : len(tokens)], mask[row, : len(tokens)] = torch.tensor(tokens), 1
+    return ids, mask
 
 
 def distributed_worker(rank, port, queue):
@@ -117,15 +190,18 @@ def distributed_worker(rank, port, queue):
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     image_inputs, text_inputs, weights = tower_inputs()
     rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
-    for loss_name in LOSS_NAMES:
-        loss, grads = loss_and_grads(image_inputs[rows], text_inputs[rows], weights, loss_name)
+    same_caption = same_caption_mask(*token_rows(GLOBAL_CAPTIONS[rows], rank))  # [local, global]
+    queue.put(("mask", rank, same_caption.numpy()))
+    for loss_name, dedupe in [(name, dedupe) for name in LOSS_NAMES for dedupe in (False, True)]:
+        mask = same_caption if dedupe else None
+        loss, grads = loss_and_grads(image_inputs[rows], text_inputs[rows], weights, loss_name, mask)
         # What DDP does: average the loss and each gradient over ranks.
         for tensor in [loss, *grads]:
             dist.all_reduce(tensor)
             tensor /= WORLD
         # As numpy arrays, which pickle by value: a tensor would travel as a shared-memory file
         # handle that the parent cannot open once this process has exited.
-        queue.put((loss_name, loss.numpy(), [grad.numpy() for grad in grads]))
+        queue.put(((loss_name, dedupe), loss.numpy(), [grad.numpy() for grad in grads]))
     dist.destroy_process_group()
 
 
@@ -135,19 +211,26 @@ def free_port():
         return sock.getsockname()[1]
 
 
-def test_two_rank_losses_and_gradients_equal_single_process():
+def test_two_rank_losses_gradients_and_caption_masks_equal_single_process():
     context = mp.get_context("spawn")
     queue = context.Queue()
     port = free_port()
     processes = [context.Process(target=distributed_worker, args=(r, port, queue)) for r in range(WORLD)]
     for process in processes:
         process.start()
-    results = [queue.get(timeout=120) for _ in range(WORLD * len(LOSS_NAMES))]
+    results = [queue.get(timeout=120) for _ in range(WORLD * (1 + 2 * len(LOSS_NAMES)))]
     for process in processes:
         process.join(timeout=60)
         assert process.exitcode == 0
-    for loss_name, loss, grads in results:
-        expected_loss, expected_grads = loss_and_grads(*tower_inputs(), loss_name)
+    masks = {rank: mask for name, rank, mask in results if name == "mask"}
+    full_mask = caption_mask(CAPTIONS)
+    for rank, mask in masks.items():  # duplicates found across ranks, whatever each rank's padding
+        rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+        assert torch.equal(torch.from_numpy(mask), full_mask[rows])
+    for (loss_name, dedupe), loss, grads in (result for result in results if result[0] != "mask"):
+        expected_loss, expected_grads = loss_and_grads(
+            *tower_inputs(), loss_name, full_mask if dedupe else None
+        )
         torch.testing.assert_close(torch.from_numpy(loss), expected_loss, atol=1e-10, rtol=1e-10)
         for got, want in zip(grads, expected_grads, strict=True):
             torch.testing.assert_close(torch.from_numpy(got), want, atol=1e-10, rtol=1e-10)

@@ -11,6 +11,7 @@ from PIL import Image
 from transformers import TrainerCallback
 
 import train_clip
+from component.loss import SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE, siglip_loss
 from component.model import BertCLIPModel
 from component.processor import ImageTransform, load_processor
 from component.training.arguments import parse_train_args
@@ -56,6 +57,33 @@ def test_gradient_caching_equals_one_big_batch(tiny_checkpoint, shapes, chunks):
     assert got.keys() == expected.keys()
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dedupe", [False, True])
+def test_gradient_caching_with_siglip_equals_one_big_batch(tiny_checkpoint, shapes, dedupe):
+    batch = batch_of(tiny_checkpoint, shapes)
+    # Rows 0, 3 and 6 share a caption (as far as the loss is told), so the mask spans micro-batches.
+    captions = torch.tensor([0, 1, 2, 0, 4, 5, 0, 7])
+    same_caption = captions.unsqueeze(1) == captions.unsqueeze(0) if dedupe else None
+    reference = no_dropout_model(tiny_checkpoint)
+    reference.add_logit_bias(SIGLIP_INIT_LOGIT_SCALE, SIGLIP_INIT_LOGIT_BIAS)
+    outputs = reference(**batch)
+    expected_loss = siglip_loss(outputs.image_embeds, outputs.text_embeds, outputs.logit_scale,
+                                outputs.logit_bias, same_caption=same_caption)  # fmt: skip
+    expected_loss.backward()
+    expected = gradients(reference)
+
+    model = no_dropout_model(tiny_checkpoint)
+    model.add_logit_bias(SIGLIP_INIT_LOGIT_SCALE, SIGLIP_INIT_LOGIT_BIAS)
+    loss = gradient_cached_backward(
+        model, model.logit_scale, split_batch(batch, 4), loss_scale=1.0,
+        loss_function=siglip_loss, logit_bias=model.logit_bias, same_caption=same_caption,
+    )  # fmt: skip
+    torch.testing.assert_close(loss, expected_loss.detach(), atol=1e-5, rtol=1e-5)
+    got = gradients(model)
+    assert got.keys() == expected.keys() and "logit_bias" in got
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_gradient_caching_replays_dropout(tiny_checkpoint, shapes):

@@ -42,14 +42,14 @@ def apply_tower_locks(model, tower_args) -> None:
 
 
 def is_no_decay(name: str, parameter: nn.Parameter) -> bool:
-    """Biases, norms, embeddings and the logit scale are not weight-decayed."""
+    """Biases, norms, embeddings, the logit scale and the logit bias are not weight-decayed."""
     lowered = name.lower()
     return (
         parameter.ndim < 2
         or "norm" in lowered
         or "embedding" in lowered
         or name.endswith("class_embedding")
-        or name == "logit_scale"
+        or name in ("logit_scale", "logit_bias")
     )
 
 

@@ -1,4 +1,4 @@
-"""Gradient caching: a contrastive loss over K micro-batches at the memory cost of one.
+"""Gradient caching: a loss over K micro-batches at the memory cost of one.
 
 Pass 1 embeds every micro-batch without a graph and takes the loss over all K x B pairs, giving
 the loss's gradient with respect to each embedding. Pass 2 re-embeds one micro-batch at a time
@@ -11,7 +11,7 @@ import contextlib
 
 import torch
 
-from component.loss import contrastive_loss
+from component.loss import LossFunction, contrastive_loss
 
 EMBEDDING_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "pixel_values", "image_features")
 
@@ -46,8 +46,10 @@ def _embed(model, micro_batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 def gradient_cached_backward(
     model, logit_scale: torch.nn.Parameter, micro_batches: list[dict], loss_scale: float,
     backward=None, autocast=contextlib.nullcontext, no_sync=None,
+    loss_function: LossFunction = contrastive_loss, logit_bias: torch.nn.Parameter | None = None,
+    same_caption: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """Back-propagate the contrastive loss of all micro-batches together; returns the scaled loss.
+    """Back-propagate the loss of all micro-batches together; returns the scaled loss.
 
     Args:
         model: the (possibly DDP-wrapped) model; its forward returns normalised embeddings.
@@ -56,6 +58,9 @@ def gradient_cached_backward(
         backward: how to back-propagate (the accelerator's, for mixed precision); default tensor.backward.
         autocast: a context manager factory for the forward passes.
         no_sync: a context manager factory that defers DDP gradient reduction (all but the last chunk).
+        loss_function: the chosen loss (`component.loss.get_loss`), called once over all K x B rows.
+        logit_bias: the model's logit bias, or None; it gets its cached gradient like the scale.
+        same_caption: the [K x B, global K x B] same-caption mask of the whole batch, or None.
     """
     backward = backward or (lambda tensor: tensor.backward())
     states, image_parts, text_parts = [], [], []
@@ -68,8 +73,8 @@ def gradient_cached_backward(
             text_parts.append(texts.float())
     all_images = torch.cat(image_parts).requires_grad_()
     all_texts = torch.cat(text_parts).requires_grad_()
-    scale = logit_scale.detach().clone().requires_grad_()
-    loss = contrastive_loss(all_images, all_texts, scale) * loss_scale
+    scales = [p.detach().clone().requires_grad_() for p in (logit_scale, logit_bias) if p is not None]
+    loss = loss_function(all_images, all_texts, *scales, same_caption=same_caption) * loss_scale
     loss.backward()  # only into the leaves above: no parameter is touched yet
     image_grads = torch.split(all_images.grad, [len(p) for p in image_parts])
     text_grads = torch.split(all_texts.grad, [len(p) for p in text_parts])
@@ -82,8 +87,11 @@ def gradient_cached_backward(
             with autocast():
                 images, texts = _embed(model, micro_batch)
                 surrogate = (images.float() * image_grads[i]).sum() + (texts.float() * text_grads[i]).sum()
-                if last:
-                    surrogate = surrogate + logit_scale * scale.grad
+                if last:  # the scale and bias once; a loss that ignores the bias leaves it no gradient
+                    parameters = (p for p in (logit_scale, logit_bias) if p is not None)
+                    for parameter, copy in zip(parameters, scales, strict=True):
+                        if copy.grad is not None:
+                            surrogate = surrogate + parameter * copy.grad
             backward(surrogate)
     rng_after.restore()
     return loss.detach()

@@ -11,10 +11,11 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from component.evaluation.metrics import retrieval_metrics, trivial_recall_note
-from component.loss import MAX_LOGIT_SCALE, world_size
+from component.loss import MAX_LOGIT_SCALE, get_loss, world_size
 from component.training.dataset import BadImageError
 from component.training.freezing import parameter_groups, unlock_vision_tower
 from component.training.grad_cache import gradient_cached_backward, split_batch
+from component.training.losses import batch_loss, prepare_model_for_loss, same_caption_mask
 from datatools.atomic import write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -70,9 +71,12 @@ class BadImageTracker:
 
 
 class CLIPTrainer(Trainer):
-    """Trainer with the contrastive loss, whole-test-set retrieval metrics and per-tower learning rates."""
+    """Trainer with the loss chosen by name, whole-test-set retrieval metrics and per-tower learning rates."""
 
     def __init__(self, *args, tower_args, bad_image_tracker: BadImageTracker, **kwargs):
+        # Before the Trainer places the model and long before the optimizer: a SigLIP bias must be
+        # a parameter by then (and a checkpoint being resumed restores its value).
+        prepare_model_for_loss(kwargs.get("model") or args[0], tower_args.loss)
         super().__init__(*args, **kwargs)
         self.tower_args = tower_args
         self.bad_image_tracker = bad_image_tracker
@@ -107,9 +111,13 @@ class CLIPTrainer(Trainer):
         return totals.tolist()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The loss named by `tower_args.loss`, on the model's embeddings and scales."""
         inputs, _, _ = self._model_inputs(inputs, training=model.training)
-        outputs = model(**inputs, return_loss=True)
-        return (outputs.loss, outputs) if return_outputs else outputs.loss
+        loss, outputs = self._batch_loss(model, inputs)
+        return (loss, outputs) if return_outputs else loss
+
+    def _batch_loss(self, model, inputs: dict):
+        return batch_loss(model, inputs, self.tower_args.loss, self.tower_args.dedupe_captions_in_batch)
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
@@ -137,15 +145,21 @@ class CLIPTrainer(Trainer):
         model.train()
         inputs, _, _ = self._model_inputs(self._prepare_inputs(inputs), training=True)
         micro_batches = split_batch(inputs, self.tower_args.contrastive_accumulation_steps)
-        no_sync = getattr(model, "no_sync", None)
+        unwrapped = self.accelerator.unwrap_model(model)
+        same_caption = None
+        if self.tower_args.dedupe_captions_in_batch:  # over all K micro-batches, as the loss sees them
+            same_caption = same_caption_mask(inputs["input_ids"], inputs.get("attention_mask"))
         return gradient_cached_backward(
             model,
-            self.accelerator.unwrap_model(model).logit_scale,
+            unwrapped.logit_scale,
             micro_batches,
             loss_scale=1.0 / self.current_gradient_accumulation_steps,
             backward=self.accelerator.backward,
             autocast=self.compute_loss_context_manager,
-            no_sync=no_sync,
+            no_sync=getattr(model, "no_sync", None),
+            loss_function=get_loss(self.tower_args.loss),
+            logit_bias=unwrapped.logit_bias,
+            same_caption=same_caption,
         )
 
     def _sync_unlocked_vision_gradients(self) -> None:
@@ -193,8 +207,8 @@ class CLIPTrainer(Trainer):
             batch, sample_index, bad_images = self._model_inputs(self._prepare_inputs(batch), training=False)
             bad_image_log.log(bad_images)
             with self.accelerator.autocast():
-                outputs = model(**batch, return_loss=True)
-            totals["loss"] += outputs.loss.item() * len(sample_index)
+                loss, outputs = self._batch_loss(model, batch)
+            totals["loss"] += loss.item() * len(sample_index)
             totals["samples"] += len(sample_index)
             images, texts, indices = self.accelerator.gather_for_metrics(
                 (outputs.image_embeds.float(), outputs.text_embeds.float(), sample_index)
@@ -257,9 +271,15 @@ def dataset_retrieval_metrics(dataset, image_embeds, text_embeds, sample_index) 
 
 
 class LogitScaleClampCallback(TrainerCallback):
-    """Keep the learned logit scale at most ln(100) after every optimizer step, as CLIP does."""
+    """Keep the learned logit scale at most ln(100) after every optimizer step, as CLIP does.
+
+    Only for the softmax loss: a model with a logit bias trains with the sigmoid loss (see
+    `prepare_model_for_loss`), whose scale SigLIP leaves unclamped.
+    """
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
+        if getattr(model, "logit_bias", None) is not None:
+            return
         with torch.no_grad():
             model.logit_scale.clamp_(max=MAX_LOGIT_SCALE)
 
