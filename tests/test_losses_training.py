@@ -13,13 +13,14 @@ import train_clip
 from component.loss import LOSSES, SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE, get_loss, siglip_loss
 from component.model import BertCLIPModel
 from component.training.arg_values import ArgumentError
-from component.training.dataset import StringColumn
+from component.training.dataset import ImageTextDataset, StringColumn, read_image_text_csv
 from component.training.freezing import parameter_groups
 from component.training.losses import (
     count_duplicate_captions,
     prepare_model_for_loss,
     same_caption_mask,
     warn_about_duplicate_captions,
+    warn_about_duplicate_captions_in,
 )
 from component.training.trainer import LogitScaleClampCallback
 
@@ -85,6 +86,15 @@ def test_duplicate_captions_are_counted_and_warned_about(caplog):
     caplog.clear()
     assert warn_about_duplicate_captions(StringColumn(["一", "二"]), "train.csv", False) == 0
     assert not caplog.text
+
+
+def test_duplicate_captions_are_found_in_a_csv_training_dataset(tmp_path, caplog):
+    csv = tmp_path / "train.csv"
+    csv.write_text("text,filename\n红色,a.jpg\n绿色,b.jpg\n红色,c.jpg\n")
+    dataset = ImageTextDataset(read_image_text_csv(csv), tmp_path)
+    assert warn_about_duplicate_captions_in(dataset, str(csv), dedupe_captions=False) == 2
+    assert "2 of 3 rows share their caption" in caplog.text
+    assert warn_about_duplicate_captions_in(object(), "stream", dedupe_captions=False) == 0
 
 
 class LossSpy:

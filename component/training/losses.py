@@ -143,3 +143,32 @@ def warn_about_duplicate_captions(texts: Sequence[str], source: str, dedupe_capt
             "Set dedupe_captions_in_batch: true in the arg file to stop that"
         )
     return rows
+
+
+class _SourceCaptions:
+    """The captions of a map-style `ImageTextSource`, as a sequence."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> str:
+        return self.source.caption(index)
+
+
+def dataset_captions(dataset) -> Sequence[str] | None:
+    """A training dataset's captions: the CSV's packed text column, any other map-style source's
+    captions, or None for a stream (its captions are only known once read)."""
+    source = getattr(dataset, "source", None)
+    texts = getattr(getattr(source, "rows", None), "texts", None)
+    if texts is not None:
+        return texts
+    return _SourceCaptions(source) if hasattr(source, "caption") else None
+
+
+def warn_about_duplicate_captions_in(dataset, name: str, dedupe_captions: bool) -> int:
+    """`warn_about_duplicate_captions` over a training dataset's captions; 0 for a stream."""
+    texts = dataset_captions(dataset)
+    return 0 if texts is None else warn_about_duplicate_captions(texts, name, dedupe_captions)
