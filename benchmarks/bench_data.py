@@ -8,7 +8,8 @@ and training input images/s from shards against the same images as files.
 Each figure comes from a fresh Python process, as a training process starts:
 
 - `csv_first`: a synthetic CSV (N rows naming a pool of tiny JPEGs) converted into the row store,
-  then the first batch of 32; `csv_second`: the same on the second run (the store is mapped);
+  then the first batch of 32 in training's shuffled order; `csv_second`: the same on the second
+  run (the store is mapped);
 - `shards`: webdataset shards of N real samples (img2dataset's layout, with sizes.json), the
   stream built and its first batch read (shards are written only up to --max_shard_samples);
 - `seconds_to_first_batch` is measured after the imports (torch alone takes a few seconds);
@@ -90,6 +91,7 @@ def child(kind: str, path: str, images: str, workers: int, batches: int) -> dict
     from torch.utils.data import DataLoader
 
     from component.training.dataset import ImageTextDataset
+    from component.training.loaders import EpochPermutation
     from component.training.row_store import load_rows
     from component.training.shards import ShardStream
     from datatools.shards import list_shards, shard_sizes
@@ -101,8 +103,8 @@ def child(kind: str, path: str, images: str, workers: int, batches: int) -> dict
         shards = list_shards(path)
         dataset = ShardStream(shards, sum(shard_sizes(shards)), transform(), name=path, batch_size=BATCH,
                               seed=0, shuffle_buffer=1000)  # fmt: skip
-    loader = DataLoader(dataset, batch_size=BATCH, num_workers=workers, collate_fn=lambda s: len(s),
-                        shuffle=kind == "csv")  # fmt: skip
+    sampler = EpochPermutation(len(dataset), 0) if kind == "csv" else None  # as training shuffles
+    loader = DataLoader(dataset, batch_size=BATCH, num_workers=workers, collate_fn=len, sampler=sampler)
     first, count, iterator = None, 0, iter(loader)
     for _ in range(batches):
         count += next(iterator)

@@ -89,3 +89,13 @@ def test_memory_is_flat_from_2_thousand_to_200_thousand_rows(tmp_path):
     )
     # 200k rows as Python strings would take ~30 MB in each process; mapped, they take none.
     assert large - small < 2_000, (small, large)
+
+
+def test_epoch_permutation_is_a_seeded_permutation_per_epoch():
+    from component.training.loaders import EpochPermutation
+
+    sampler = EpochPermutation(100_003, seed=5)
+    first = list(sampler)
+    assert sorted(first) == list(range(100_003)) and first == list(EpochPermutation(100_003, seed=5))
+    sampler.set_epoch(1)
+    assert list(sampler) != first

@@ -12,8 +12,9 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 from transformers import TrainerCallback
 
 from component.evaluation.metrics import retrieval_metrics
@@ -58,8 +59,39 @@ def build_dataset(spec: str, data_args, transform: ImageTransform, training_args
     )  # fmt: skip
 
 
+class EpochPermutation(Sampler):
+    """A random order of `count` indices per epoch, from (seed, epoch), held as one numpy array.
+
+    torch's RandomSampler turns its permutation into a Python list: about 45 bytes per row,
+    450 MB in every process for 10M rows; this holds 4 or 8 bytes per row and never the global RNG.
+    """
+
+    def __init__(self, count: int, seed: int):
+        self.count, self.seed, self.epoch = count, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self):
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.count)
+        order = order.astype(np.int32) if self.count < 2**31 else order
+        for start in range(0, self.count, 1 << 16):
+            yield from order[start : start + (1 << 16)].tolist()
+
+
 class DataLoaderMixin:
     """Train DataLoaders for `CLIPTrainer` (put it first among the bases)."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy != "random" or isinstance(dataset, ShardStream):
+            return super()._get_train_sampler(train_dataset)
+        return EpochPermutation(
+            len(dataset), self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        )
 
     def get_train_dataloader(self) -> DataLoader:
         generator = torch.Generator().manual_seed(self.args.seed)
