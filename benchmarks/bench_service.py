@@ -258,6 +258,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         figures["towers"] = (QUICK_TOWERS if args.quick else VIT_B16_BERT_BASE).__dict__
         figures["torch_threads"] = torch.get_num_threads()
         figures["text_search"] = bench_servers(args.servers, index_dir, onnx_dir, requests, CONCURRENCY)
+        # On stderr now too, in case the encoder timings that follow are cut short.
+        print(json.dumps({"text_search": figures["text_search"]}), file=sys.stderr, flush=True)
         if not args.no_encoders:
             figures["encoding"] = bench_encoders(model, workdir, args.quick)
     figures["load_average_after"] = load_average()
