@@ -137,7 +137,7 @@ def test_cached_dataset_replaces_bad_rows_like_the_uncached_one(
     dataset = ImageTextDataset(read_image_text_csv(csv), shapes / "images", transform)
     features, valid = load_or_build_cache(tiny_model, dataset, tmp_path / "cache", 2, 0, "cpu")
     assert valid.tolist() == [True, False, True]
-    cached = CachedImageTextDataset(dataset.rows, features, valid)
+    cached = CachedImageTextDataset(dataset.source, features, valid)
     for index in range(3):
         assert cached[index]["index"] == dataset[index]["index"]
         assert cached[index]["text"] == dataset[index]["text"]
