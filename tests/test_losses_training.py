@@ -129,6 +129,19 @@ def test_training_and_evaluation_use_the_loss_named_in_the_arg_file(
     assert saved.uses_sigmoid and saved.config.logit_bias_init_value is not None
 
 
+def test_gradient_cached_training_uses_the_chosen_loss_over_all_micro_batches(
+    tiny_towers, shapes, tmp_path, monkeypatch
+):
+    spy = LossSpy()
+    monkeypatch.setitem(LOSSES, "siglip", spy)
+    options = {"loss": "siglip", "dedupe_captions_in_batch": True, "contrastive_accumulation_steps": 2}
+    values = tiny_run_args(tiny_towers, shapes, tmp_path / "run", max_steps=1, test_file=None, **options)
+    metrics = train_clip.main(["--train_args_file", str(write_args(tmp_path / "a.json", **values))])
+    (call,) = spy.calls  # one loss over both micro-batches of 4 rows
+    assert call["rows"] == 8 and call["mask"].shape == (8, 8) and call["bias"] is not None
+    assert metrics["train_loss"] == pytest.approx(call["loss"], rel=1e-5)
+
+
 def train_class_name_toy(loss_name: str, dedupe: bool, steps: int = 20, seed: int = 0) -> dict:
     """Two linear towers trained on captions that are class names (6 classes, batch 32: every batch
     repeats each caption about 5 times); held-out accuracy and the score of the right class."""

@@ -76,7 +76,9 @@ class CLIPTrainer(Trainer):
     def __init__(self, *args, tower_args, bad_image_tracker: BadImageTracker, **kwargs):
         # Before the Trainer places the model and long before the optimizer: a SigLIP bias must be
         # a parameter by then (and a checkpoint being resumed restores its value).
-        prepare_model_for_loss(kwargs.get("model") or args[0], tower_args.loss)
+        model = kwargs.get("model", args[0] if args else None)
+        if model is not None:
+            prepare_model_for_loss(model, tower_args.loss)
         super().__init__(*args, **kwargs)
         self.tower_args = tower_args
         self.bad_image_tracker = bad_image_tracker
