@@ -150,14 +150,14 @@ def run_search(args: argparse.Namespace) -> None:
 
 def run_serve(args: argparse.Namespace) -> None:
     """Load the index and its query encoder, then serve the page and the API until interrupted."""
-    try:
-        from component.retrieval.server import serve  # the optional [serve] packages
-    except ImportError as error:
-        raise InputError(f"serve needs FastAPI and uvicorn ({error}): pip install '.[serve]'") from error
     if args.backend == "onnx" and args.device == "cuda":
         raise InputError("--backend onnx runs on the CPU; leave out --device cuda")
     device = pick_device("cpu" if args.backend == "onnx" else args.device)
     index = RetrievalIndex.load(args.index, args.model_name_or_path, device, memory_map=False)
+    try:
+        from component.retrieval.server import serve  # the optional [serve] packages
+    except ModuleNotFoundError as error:
+        raise InputError(f"serve needs FastAPI and uvicorn ({error}): pip install '.[serve]'") from error
     serve(index, args.host, args.port, args.allowed_hosts, args.backend, args.onnx_dir)
 
 
