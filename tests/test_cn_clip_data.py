@@ -234,3 +234,26 @@ def test_one_lmdb_read_by_two_readers_and_by_forked_workers(tmp_path):
                         collate_fn=lambda batch: batch[0])  # fmt: skip
     expected = [image_bytes(COLORS[int(image) - 1000]) for _, image in EXPECTED_PAIRS]
     assert list(loader) == expected
+
+
+# --- training on Chinese-CLIP data through train_clip.py ---------------------------------------
+
+
+@needs_lmdb
+@needs_cn_clip
+def test_train_clip_trains_and_evaluates_on_jsonl_and_lmdb_without_image_path(tiny_towers, tmp_path):
+    from _runs import tiny_run_args, write_args
+
+    import train_clip  # here: it loads torch, which the readers above do without
+
+    texts = [{"text_id": i, "text": f"第{i}张图", "image_ids": [1000 + i % 4]} for i in range(12)]
+    jsonl = write_cn_clip_split(tmp_path / "data", "train", texts=texts)
+    lmdb_dir = build_lmdb_with_cn_clip(tmp_path / "data", "train")
+    for name, data in (("jsonl", jsonl), ("lmdb", lmdb_dir)):
+        values = tiny_run_args(tiny_towers, tmp_path, tmp_path / name, train_file=str(data),
+                               test_file=str(data), max_steps=2, per_device_train_batch_size=4,
+                               dataloader_num_workers=2)  # fmt: skip
+        del values["image_path"]  # the images are in the data itself
+        metrics = train_clip.main(["--train_args_file", str(write_args(tmp_path / f"{name}.json", **values))])
+        assert metrics["eval_images"] == 4 and metrics["eval_bad_images"] == 0
+        assert (tmp_path / name / "model.safetensors").is_file()

@@ -13,6 +13,7 @@ from pathlib import Path
 from transformers import TrainingArguments
 
 from component.training.arg_values import ArgumentError
+from datatools.cn_clip_data import is_cn_clip_data
 from datatools.shards import ShardError, is_shard_spec, list_shards
 
 # report_to name -> (modules of which one must import, what to pip install)
@@ -102,7 +103,7 @@ def check_paths(path: str | Path, model_args, data_args) -> None:
     """
     for key in ("train_file", "test_file", "image_path"):
         value = getattr(data_args, key)
-        if value and key != "image_path" and is_shard_spec(value):
+        if value and key != "image_path" and not is_cn_clip_data(value) and is_shard_spec(value):
             try:
                 list_shards(value)
             except ShardError as error:

@@ -25,8 +25,15 @@ from component.training.arg_values import (
     read_arg_file,
     translate_old_names,
 )
+from datatools.cn_clip_data import is_cn_clip_data
+from datatools.shards import is_shard_spec
 
 DEFAULT_TEXT_TOWER = "Langboat/mengzi-bert-base"
+
+
+def names_image_files(data: str | None) -> bool:
+    """Whether a train_file/test_file value is a CSV, whose filenames are relative to image_path."""
+    return bool(data) and not is_cn_clip_data(data) and not is_shard_spec(data)
 
 
 @dataclass
@@ -86,11 +93,21 @@ class ModelArguments:
 class DataArguments:
     """The image-text CSV files and how samples are read."""
 
-    train_file: str = field(default=None, metadata={"help": "CSV with columns text and filename (required)."})
-    test_file: str | None = field(
-        default=None, metadata={"help": "CSV for evaluation and retrieval metrics."}
+    train_file: str = field(
+        default=None,
+        metadata={
+            "help": "Training data (required): a CSV with columns text and filename; webdataset shards "
+            "(a brace pattern such as data/{00000..00099}.tar, a glob, or a directory of .tar files); "
+            "or Chinese-CLIP data (a *_texts.jsonl beside its *_imgs.tsv, or an LMDB directory)."
+        },
     )
-    image_path: str = field(default=None, metadata={"help": "Directory the CSV filenames are relative to."})
+    test_file: str | None = field(
+        default=None,
+        metadata={"help": "Test data for evaluation and retrieval metrics, in any train_file form."},
+    )
+    image_path: str | None = field(
+        default=None, metadata={"help": "Directory the CSV filenames are relative to (CSV data only)."}
+    )
     max_seq_length: int = field(default=64, metadata={"help": "Texts are truncated to this many tokens."})
     num_train_samples: int | None = field(
         default=None,
@@ -117,9 +134,13 @@ class DataArguments:
     )
 
     def __post_init__(self):
-        for name in ("train_file", "image_path"):
-            if not getattr(self, name):
-                raise ArgumentError(f"{name} is required")
+        if not self.train_file:
+            raise ArgumentError("train_file is required")
+        if not self.image_path and any(map(names_image_files, (self.train_file, self.test_file))):
+            raise ArgumentError(
+                "image_path is required: a CSV's filenames are relative to it (shards and Chinese-CLIP data "
+                "hold their images)"
+            )
         if self.csv_encoding is not None:
             try:
                 codecs.lookup(self.csv_encoding)

@@ -17,12 +17,14 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from transformers import TrainerCallback
 
+from component.evaluation.eval_data import CnClipSource
 from component.evaluation.metrics import retrieval_metrics
 from component.processor import ImageTransform
 from component.training.dataset import DataError, ImageTextDataset
 from component.training.row_store import load_rows
 from component.training.shards import ShardStream, TarSource
 from datatools.atomic import write_json_atomic
+from datatools.cn_clip_data import is_cn_clip_data
 from datatools.shards import is_shard_spec, list_shards, shard_sizes
 
 logger = logging.getLogger(__name__)
@@ -42,9 +44,12 @@ def epoch_samples(spec: str, shards: list[Path], num_train_samples: int | None, 
 
 
 def build_dataset(spec: str, data_args, transform: ImageTransform, training_args, stream: bool):
-    """The dataset a train_file/test_file value names: a CSV (rows through the row store), or shards:
-    a stream when `stream` (training), else an index (a test set, or cached image features)."""
+    """The dataset a train_file/test_file value names: Chinese-CLIP data (a *_texts.jsonl or an LMDB),
+    a CSV (rows through the row store), or shards: a stream when `stream` (training), else an index
+    (a test set, or cached image features)."""
     cache_dir = Path(training_args.output_dir) / "data_cache"
+    if is_cn_clip_data(spec):  # first: a directory may be an LMDB or a folder of shards
+        return ImageTextDataset(CnClipSource(spec), transform=transform, draft=data_args.draft_decode)
     if not is_shard_spec(spec):
         rows = load_rows(spec, data_args.csv_encoding, cache_dir, process_index=training_args.process_index)
         return ImageTextDataset(rows, data_args.image_path, transform, draft=data_args.draft_decode)

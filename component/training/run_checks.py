@@ -63,6 +63,6 @@ def avoid_lone_last_batch(train_rows: int, source: str, training_args) -> None:
 
 def check_data_sizes(train_dataset, training_args) -> None:
     """The data-size checks of a run, once its training set is built."""
-    rows, source = len(train_dataset), train_dataset.rows.source
+    rows, source = len(train_dataset), train_dataset.source.name
     check_drop_last_fits(rows, source, training_args)
     avoid_lone_last_batch(rows, source, training_args)
