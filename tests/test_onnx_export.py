@@ -27,6 +27,7 @@ from component.formats.onnx_export import (
 from component.formats.onnx_parity import every_text_case, image_batches, onnx_session, text_batches
 from component.model import BertCLIPModel
 from component.processor import ImageTransform, load_processor, tokenize
+from component.retrieval.index import model_fingerprint
 
 BATCH_SIZES = (1, 3, 64)
 MAX_LENGTH = 32  # the test model's max_position_embeddings, so that every length is cheap to check
@@ -154,6 +155,8 @@ def test_metadata_holds_the_logit_scale_and_the_script_reports_parity(export_dir
     assert metadata["dtype"] == "float32"
     assert metadata["max_seq_length"] == short_model.config.text_config.max_position_embeddings
     assert [path.name for path in output.iterdir() if path.name.startswith(".")] == []  # no staging left
+    # the fingerprint a search index records for the model its graphs came from
+    assert metadata["model_fingerprint"] == model_fingerprint(short_model, load_processor(output))
     assert "text_encoder.onnx: max abs diff" in printed
     assert "image_encoder.onnx: max abs diff" in printed
     assert "FAILED" not in printed

@@ -43,6 +43,7 @@ from component.formats.onnx_parity import (
     text_batches,
 )
 from component.model import BertCLIPModel
+from component.retrieval.index import model_fingerprint
 from component.text_tower import max_text_length
 from datatools.errors import UserError
 
@@ -318,6 +319,8 @@ def export_onnx(
             raise ParityError(f"out of tolerance, nothing written to {output}: {'; '.join(failed)}")
         processor.save_pretrained(str(staging))
         metadata = export_metadata(model, produced, float16)
+        # lets a search index check that the graphs encode as the model it was built with did
+        metadata["model_fingerprint"] = model_fingerprint(model, processor)
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
         publish(staging, output)
     finally:
