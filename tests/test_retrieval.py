@@ -325,6 +325,21 @@ def test_a_fifo_named_in_a_csv_is_skipped_as_unreadable(
     assert "skipped unreadable image pipe.jpg: RejectedError: not_a_file:" in captured.err
 
 
+def test_csv_names_that_escape_image_path_are_skipped_unread(capsys, tmp_path, tiny_checkpoint):
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (30, 30), "red").save(tmp_path / "images" / "good.png")
+    Image.new("RGB", (30, 30), "blue").save(tmp_path / "secret.png")  # outside image_path
+    (tmp_path / "pairs.csv").write_text(
+        f"text,filename\n一只猫,good.png\n越界,../secret.png\n绝对,{tmp_path / 'secret.png'}\n",
+        encoding="utf-8",
+    )
+    options = ["--input", tmp_path / "pairs.csv", "--image_path", tmp_path / "images"]
+    retrieval.main(index_argv(tiny_checkpoint, tmp_path / "index", *options))
+    captured = capsys.readouterr()
+    assert "1 new image(s); 0 already indexed, 0 removed, 2 unreadable" in captured.out
+    assert captured.err.count("unsafe_filename") == 2
+
+
 def test_a_folder_of_only_unreadable_images_is_an_error(capsys, tmp_path, tiny_checkpoint):
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "broken.png").write_bytes(b"not a PNG")

@@ -15,6 +15,7 @@ from component.errors import InputError
 from component.processor import ImageTransform
 from component.retrieval.store import EmbeddingDtype
 from component.training.dataset import read_image_text_csv
+from datatools.image_check import ImageRoot
 
 _LOADING_THREADS = 8
 
@@ -50,11 +51,12 @@ def images_in_csv(csv_path: str | Path, image_path: str | Path) -> ImageSource:
     return ImageSource(root, list(first_texts), list(first_texts.values()))
 
 
-def _load_image(transform: ImageTransform, path: Path) -> Image.Image | str:
+def _load_image(transform: ImageTransform, root: ImageRoot, filename: str) -> Image.Image | str:
     # A decoder can raise many kinds of error on a corrupt file, and one bad file among a million
     # must not stop the run: any error makes the image "unreadable", with the error as the reason.
+    # A name that escapes the root (absolute, "..", a symlink out) is refused before it is opened.
     try:
-        return transform.load(path, draft=True)
+        return transform.load(root.path(filename), draft=True)
     except Exception as error:
         return f"{type(error).__name__}: {error}"
 
@@ -67,10 +69,11 @@ def _loaded_batches(
         range(start, min(start + batch_size, len(filenames)))
         for start in range(0, len(filenames), batch_size)
     ]
+    image_root = ImageRoot(root)
     with ThreadPoolExecutor(_LOADING_THREADS) as pool:
 
         def submit(batch: range) -> list[Future]:
-            return [pool.submit(_load_image, transform, root / filenames[index]) for index in batch]
+            return [pool.submit(_load_image, transform, image_root, filenames[index]) for index in batch]
 
         pending = submit(batches[0]) if batches else []
         for number, batch in enumerate(batches):
