@@ -22,11 +22,16 @@ _LOADING_THREADS = 8
 
 @dataclass
 class ImageSource:
-    """The images to index: filenames relative to `root`, and one text per image from a CSV."""
+    """The images to index: filenames relative to `root`, and one text per image from a CSV.
+
+    `confined`: names must stay inside `root` (a CSV's names are refused when they escape it; a
+    folder's own symbolic links are the user's choice, indexed but never served).
+    """
 
     root: Path
     filenames: list[str]
     texts: list[str] | None = None
+    confined: bool = False
 
 
 def images_in_directory(directory: str | Path) -> ImageSource:
@@ -48,28 +53,29 @@ def images_in_csv(csv_path: str | Path, image_path: str | Path) -> ImageSource:
     first_texts: dict[str, str] = {}
     for name, text in zip(rows.filenames.tolist(), rows.texts.tolist(), strict=True):
         first_texts.setdefault(name, text)
-    return ImageSource(root, list(first_texts), list(first_texts.values()))
+    return ImageSource(root, list(first_texts), list(first_texts.values()), confined=True)
 
 
-def _load_image(transform: ImageTransform, root: ImageRoot, filename: str) -> Image.Image | str:
+def _load_image(transform: ImageTransform, root: ImageRoot | Path, filename: str) -> Image.Image | str:
     # A decoder can raise many kinds of error on a corrupt file, and one bad file among a million
     # must not stop the run: any error makes the image "unreadable", with the error as the reason.
     # A name that escapes the root (absolute, "..", a symlink out) is refused before it is opened.
     try:
-        return transform.load(root.path(filename), draft=True)
+        path = root.path(filename) if isinstance(root, ImageRoot) else root / filename
+        return transform.load(path, draft=True)
     except Exception as error:
         return f"{type(error).__name__}: {error}"
 
 
 def _loaded_batches(
-    root: Path, filenames: list[str], transform: ImageTransform, batch_size: int
+    source: ImageSource, filenames: list[str], transform: ImageTransform, batch_size: int
 ) -> Iterator[tuple[range, list[Image.Image | str]]]:
     # Decoding runs in threads, one batch ahead of the model.
     batches = [
         range(start, min(start + batch_size, len(filenames)))
         for start in range(0, len(filenames), batch_size)
     ]
-    image_root = ImageRoot(root)
+    image_root = ImageRoot(source.root) if source.confined else source.root
     with ThreadPoolExecutor(_LOADING_THREADS) as pool:
 
         def submit(batch: range) -> list[Future]:
@@ -104,7 +110,7 @@ def encode_image_files(
         open(output, "wb") as sink,
         tqdm(total=len(filenames), desc="Indexing images", unit="image", disable=not progress) as bar,
     ):
-        for batch, loaded in _loaded_batches(source.root, filenames, transform, batch_size):
+        for batch, loaded in _loaded_batches(source, filenames, transform, batch_size):
             images = []
             for index, image in zip(batch, loaded, strict=True):
                 if isinstance(image, str):
