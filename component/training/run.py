@@ -18,11 +18,11 @@ from component.training.collator import ImageTextCollator
 from component.training.feature_cache import CachedImageTextDataset, Shard, load_or_build_cache
 from component.training.freezing import apply_tower_locks
 from component.training.loaders import (
-    DataLoaderMixin,
     StreamPositionCallback,
     build_dataset,
     check_same_shards,
 )
+from component.training.losses import prepare_model_for_loss, warn_about_duplicate_captions_in
 from component.training.model_card import model_card, write_model_card
 from component.training.plot import write_training_plot
 from component.training.run_checks import check_data_sizes, check_max_seq_length
@@ -51,10 +51,6 @@ from component.training.trainer import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-class RunTrainer(DataLoaderMixin, CLIPTrainer):
-    """CLIPTrainer with the seeded and streaming train DataLoaders (until CLIPTrainer inherits them)."""
 
 
 CACHE_BARRIER_TIMEOUT = timedelta(hours=48)  # the slowest process's share of the cache pass
@@ -188,6 +184,26 @@ def run_training(
             ) from None
 
 
+def load_data(model, transform: ImageTransform, data_args, tower_args, training_args) -> tuple:
+    """The training and test datasets (cached image features where asked), checked against the run,
+    and their row counts for the model card."""
+    stream = not tower_args.cache_image_features  # cached features need an index of the shards
+    train_dataset, test_dataset = build_datasets(data_args, transform, training_args, stream)
+    check_sizes(train_dataset, training_args)
+    if training_args.process_index == 0:
+        warn_about_duplicate_captions_in(
+            train_dataset, data_args.train_file, tower_args.dedupe_captions_in_batch
+        )
+    row_counts = {data_args.train_file: len(train_dataset)}
+    if test_dataset is not None:
+        row_counts[data_args.test_file] = len(test_dataset)
+    if tower_args.cache_image_features:
+        train_dataset, test_dataset = cache_image_features(model, train_dataset, test_dataset, training_args)
+    if test_dataset is not None and training_args.eval_strategy == "no":
+        logger.info("a test_file is given: it is evaluated once at the end (set eval_strategy for more)")
+    return train_dataset, test_dataset, row_counts
+
+
 def train_evaluate_save(
     model_args: ModelArguments,
     data_args: DataArguments,
@@ -200,18 +216,12 @@ def train_evaluate_save(
     set_seed(training_args.seed)
     share_cpu_with_workers(training_args)
     model, processor = build_model_and_processor(model_args)
+    prepare_model_for_loss(model, tower_args.loss)  # a SigLIP start gets its bias before the optimizer
     check_max_seq_length(data_args.max_seq_length, model.config)
     transform = ImageTransform.from_processor(processor)
-    stream = not tower_args.cache_image_features  # cached features need an index of the shards
-    train_dataset, test_dataset = build_datasets(data_args, transform, training_args, stream)
-    check_sizes(train_dataset, training_args)
-    row_counts = {data_args.train_file: len(train_dataset)}
-    if test_dataset is not None:
-        row_counts[data_args.test_file] = len(test_dataset)
-    if tower_args.cache_image_features:
-        train_dataset, test_dataset = cache_image_features(model, train_dataset, test_dataset, training_args)
-    if test_dataset is not None and training_args.eval_strategy == "no":
-        logger.info("a test_file is given: it is evaluated once at the end (set eval_strategy for more)")
+    train_dataset, test_dataset, row_counts = load_data(
+        model, transform, data_args, tower_args, training_args
+    )
 
     # 2. Which towers train.
     apply_tower_locks(model, tower_args)
@@ -223,7 +233,7 @@ def train_evaluate_save(
     tracker = BadImageTracker(
         data_args.max_bad_image_fraction, min_samples_before_bad_image_check(len(train_dataset))
     )
-    trainer = RunTrainer(
+    trainer = CLIPTrainer(
         model=model,
         args=training_args,
         data_collator=ImageTextCollator(processor, transform, data_args.max_seq_length),

@@ -10,11 +10,12 @@ from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from component.evaluation.metrics import retrieval_metrics, trivial_recall_note
+from component.evaluation.metrics import trivial_recall_note
 from component.loss import MAX_LOGIT_SCALE, get_loss, world_size
 from component.training.dataset import BadImageError
 from component.training.freezing import parameter_groups, unlock_vision_tower
 from component.training.grad_cache import gradient_cached_backward, split_batch
+from component.training.loaders import DataLoaderMixin, dataset_retrieval_metrics
 from component.training.losses import batch_loss, prepare_model_for_loss, same_caption_mask
 from datatools.atomic import write_json_atomic
 
@@ -70,7 +71,7 @@ class BadImageTracker:
             )
 
 
-class CLIPTrainer(Trainer):
+class CLIPTrainer(DataLoaderMixin, Trainer):
     """Trainer with the loss chosen by name, whole-test-set retrieval metrics and per-tower learning rates."""
 
     def __init__(self, *args, tower_args, bad_image_tracker: BadImageTracker, **kwargs):
@@ -82,8 +83,8 @@ class CLIPTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.tower_args = tower_args
         self.bad_image_tracker = bad_image_tracker
-        if bad_image_tracker.source is None and hasattr(self.train_dataset, "rows"):
-            bad_image_tracker.source = self.train_dataset.rows.source
+        if bad_image_tracker.source is None and hasattr(self.train_dataset, "source"):
+            bad_image_tracker.source = self.train_dataset.source.name
         self._warned_trivial_recall = False
         # The contrastive loss is a mean over the batch; let the Trainer scale it for accumulation.
         self.model_accepts_loss_kwargs = False
@@ -196,7 +197,7 @@ class CLIPTrainer(Trainer):
         """
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         dataloader = self.get_eval_dataloader(dataset)
-        source = getattr(getattr(dataset, "rows", None), "source", None)
+        source = getattr(getattr(dataset, "source", None), "name", None)
         bad_image_log = BadImageTracker(self.bad_image_tracker.max_fraction, 0, source=source)
         model = self.accelerator.unwrap_model(self.model)
         was_training = model.training
@@ -256,20 +257,6 @@ def first_occurrences(sample_index: torch.Tensor) -> torch.Tensor:
     first = torch.full((int(inverse.max()) + 1,), len(sample_index), dtype=torch.long)
     first.scatter_reduce_(0, inverse, torch.arange(len(sample_index)), reduce="amin")
     return first.sort().values
-
-
-def dataset_retrieval_metrics(dataset, image_embeds, text_embeds, sample_index) -> dict[str, float]:
-    """Retrieval metrics where rows with the same image file count as one image, plus `images`,
-    the number of distinct images."""
-    filenames = [dataset.rows.filenames[int(i)] for i in sample_index]
-    first_row_of: dict[str, int] = {}
-    for row, filename in enumerate(filenames):
-        first_row_of.setdefault(filename, row)
-    image_rows = torch.tensor(list(first_row_of.values()))
-    image_number = {filename: n for n, filename in enumerate(first_row_of)}
-    text_to_image = torch.tensor([image_number[f] for f in filenames])
-    metrics = retrieval_metrics(image_embeds[image_rows], text_embeds, text_to_image)
-    return {**metrics, "images": len(first_row_of)}
 
 
 class LogitScaleClampCallback(TrainerCallback):
