@@ -90,3 +90,19 @@ def test_postscript_is_never_handed_to_ghostscript(tmp_path):
     (tmp_path / "photo.jpg").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
     with pytest.raises(RejectedError, match="not_an_image"):
         open_image(tmp_path / "photo.jpg")
+
+
+def test_a_transparent_png_embeds_the_same_from_a_folder_and_downloaded(tmp_path, tiny_checkpoint):
+    from component.encoding import encode_images, load_model_and_processor
+    from datatools.download import to_training_jpeg
+
+    image = Image.new("RGBA", (64, 64), (0, 0, 0, 0))  # transparent black: white once composited
+    image.paste((200, 30, 30, 255), (16, 16, 48, 48))
+    image.save(tmp_path / "logo.png")
+    (tmp_path / "downloaded.jpg").write_bytes(to_training_jpeg((tmp_path / "logo.png").read_bytes()))
+    indexed, downloaded = load_rgb(tmp_path / "logo.png"), load_rgb(tmp_path / "downloaded.jpg")
+    assert np.abs(np.asarray(indexed, float) - np.asarray(downloaded, float)).mean() < 2  # JPEG noise only
+    assert np.asarray(indexed)[0, 0].tolist() == [255, 255, 255]
+    model, processor = load_model_and_processor(tiny_checkpoint, "cpu")
+    folder, download = encode_images(model, processor, [tmp_path / "logo.png", tmp_path / "downloaded.jpg"])
+    assert float(folder @ download) > 0.999
