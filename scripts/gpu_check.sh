@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The checks that need a CUDA GPU, in one command: the CUDA tests, then the GPU benchmark
-# (ViT-B/16 + BERT-base, bf16: LiT cached, LiT, full). Run it in the repository root of a GPU
-# machine whose Python already has torch with CUDA:
+# The checks that need a CUDA GPU, in one command: the CUDA tests (bf16 with the CLIP and SigLIP
+# losses, the feature cache, inductor, gradient caching), then the GPU benchmark (ViT-B/16 +
+# BERT-base, bf16: LiT cached, LiT, full). Run it in the repository root of a GPU machine whose
+# Python already has torch with CUDA:
 #
 #   bash scripts/gpu_check.sh            # figures in output/gpu_check/, or in $OUT when it is set
 #

@@ -95,3 +95,17 @@ def test_full_bf16_training_with_inductor_and_gradient_caching(tiny_towers, shap
     )
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
     assert np.isfinite(result["train_loss"]) and np.isfinite(result["eval_loss"])
+
+
+def test_siglip_bf16_training_on_the_device_learns_like_float32_on_the_cpu(tiny_towers, shapes, tmp_path):
+    reference = train(tiny_towers, shapes, tmp_path / "cpu_fp32", loss="siglip")
+    result = train(tiny_towers, shapes, tmp_path / "bf16", loss="siglip", bf16=True, **ON_DEVICE)
+    assert result["train_loss"] == pytest.approx(reference["train_loss"], rel=0.05)
+    saved = BertCLIPModel.from_pretrained(tmp_path / "bf16")
+    assert saved.logit_bias is not None and saved.logit_bias.dtype == torch.float32
+
+
+def test_gradient_cached_siglip_with_dedupe_on_the_device(tiny_towers, shapes, tmp_path):
+    result = train(tiny_towers, shapes, tmp_path / "gc", loss="siglip", contrastive_accumulation_steps=2,
+                   dedupe_captions_in_batch=True, bf16=True, **ON_DEVICE)  # fmt: skip
+    assert np.isfinite(result["train_loss"]) and np.isfinite(result["eval_loss"])
