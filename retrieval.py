@@ -2,6 +2,8 @@
 
     python retrieval.py index --model_name_or_path DIR --images_dir photos --output photos_index
     python retrieval.py index --model_name_or_path DIR --input test.csv --image_path images --output idx
+    python retrieval.py index --model_name_or_path DIR --input "shards/{00000..00009}.tar" --output idx
+    python retrieval.py index --model_name_or_path DIR --input valid_texts.jsonl --output idx
     python retrieval.py search --index photos_index --text 一只在草地上奔跑的狗 --top_k 5
     python retrieval.py search --index photos_index --image query.jpg --json
     python retrieval.py serve --index photos_index --port 8000
@@ -9,8 +11,11 @@
     python retrieval.py serve --index photos_index --backend onnx --onnx_dir photos_onnx
 
 `index` encodes every image once and stores the embeddings, a metadata table and a faiss index;
-run it again on a grown folder and only the new images are encoded. `search` and `serve` load the
-model recorded in the index and rank the indexed images by cosine similarity to the query.
+run it again on a grown folder and only the new images are encoded. Data that holds its images
+(webdataset shards, Chinese-CLIP's tsv/jsonl or LMDB) has each image written once into the
+index directory's images/ folder, which the index then searches and serves as a folder.
+`search` and `serve` load the model recorded in the index and rank the indexed images by cosine
+similarity to the query.
 `serve` runs the search page and a JSON API (FastAPI on uvicorn; reference at /docs), its queries
 encoded by the PyTorch model or, with --backend onnx, by ONNX Runtime from an export_onnx.py
 directory of the same model.
@@ -19,16 +24,21 @@ directory of the same model.
 import argparse
 import json
 import sys
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from component.cli import pick_device, positive_int
 from component.errors import InputError
-from component.retrieval.images import images_in_csv, images_in_directory
+from component.retrieval.data_images import IMAGES_FOLDER, images_in_data
+from component.retrieval.images import ImageSource, images_in_csv, images_in_directory
 from component.retrieval.index import RetrievalIndex, SearchResult, results_document
 from component.retrieval.query_encoders import BACKENDS
 from component.retrieval.store import EMBEDDING_DTYPES
 from component.retrieval.vectors import INDEX_TYPES
+from datatools.cn_clip_data import is_cn_clip_data
 from datatools.errors import report_user_errors
+from datatools.shards import is_shard_spec
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,9 +51,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     index.add_argument("--model_name_or_path", required=True, help="a BertCLIP or ChineseCLIP checkpoint")
     source = index.add_mutually_exclusive_group(required=True)
     source.add_argument("--images_dir", type=Path, help="index every image file under this directory")
-    source.add_argument("--input", type=Path, help="a CSV with columns filename and text (as for training)")
+    source.add_argument(
+        "--input",
+        type=Path,
+        help="any data training reads: a CSV with columns filename and text (with --image_path), "
+        "webdataset shards (a .tar, brace pattern, glob or directory), a Chinese-CLIP *_texts.jsonl "
+        "(its *_imgs.tsv beside it) or LMDB directory",
+    )
     index.add_argument(
-        "--image_path", type=Path, help="with --input: the directory CSV filenames are relative to"
+        "--image_path", type=Path, help="with a CSV --input: the directory its filenames are relative to"
     )
     index.add_argument("--output", type=Path, required=True, help="the index directory (created or updated)")
     index.add_argument("--batch_size", type=positive_int, default=64, help="images encoded at once")
@@ -95,15 +111,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def index_source(args: argparse.Namespace) -> ImageSource | Callable[[], ImageSource]:
+    """The images `index` reads: a folder, a CSV's files, or (made under the index's lock) the
+    images a data source holds, written into the index directory."""
+    if args.images_dir is not None:
+        if args.image_path is not None:
+            raise InputError(
+                "--image_path goes with a CSV --input; --images_dir is itself the image directory"
+            )
+        return images_in_directory(args.images_dir)
+    if is_cn_clip_data(args.input) or is_shard_spec(args.input):
+        if args.image_path is not None:
+            raise InputError(f"{args.input} holds its images; --image_path goes only with a CSV --input")
+        return partial(images_in_data, str(args.input), args.output / IMAGES_FOLDER)
+    if args.image_path is None:
+        raise InputError("a CSV --input needs --image_path, the directory its filenames are relative to")
+    return images_in_csv(args.input, args.image_path)
+
+
 def run_index(args: argparse.Namespace) -> None:
     """Build or update the index and report what was encoded, kept, removed and skipped."""
-    if args.input is not None and args.image_path is None:
-        raise InputError("--input needs --image_path, the directory its filenames are relative to")
-    if args.images_dir is not None and args.image_path is not None:
-        raise InputError("--image_path goes with --input; --images_dir is itself the image directory")
-    source = (
-        images_in_csv(args.input, args.image_path) if args.input else images_in_directory(args.images_dir)
-    )
+    source = index_source(args)
     index = RetrievalIndex.build(
         args.model_name_or_path,
         args.output,

@@ -2,7 +2,7 @@
 
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,12 +26,15 @@ class ImageSource:
 
     `confined`: names must stay inside `root` (a CSV's names are refused when they escape it; a
     folder's own symbolic links are the user's choice, indexed but never served).
+    `unreadable`: samples already found unreadable while the source was made ({"filename", "error"}),
+    reported with those the encoding finds.
     """
 
     root: Path
     filenames: list[str]
     texts: list[str] | None = None
     confined: bool = False
+    unreadable: list[dict[str, str]] = field(default_factory=list)
 
 
 def images_in_directory(directory: str | Path) -> ImageSource:

@@ -128,7 +128,7 @@ def build_metadata(filenames: list[str], source: ImageSource) -> pd.DataFrame:
 def build_index(
     model_name_or_path: str | Path,
     output: str | Path,
-    source: ImageSource,
+    source: ImageSource | Callable[[], ImageSource],
     batch_size: int = 64,
     device: str | torch.device | None = None,
     index_type: IndexType = "auto",
@@ -143,6 +143,8 @@ def build_index(
     is refused.
 
     Args:
+        source: the images, or a function that makes them (called holding the lock, after the
+            model loads: it may write into `output`, as `images_in_data` does).
         index_type: "exact" (flat inner product), "approximate" (IVF), or "auto": exact up to
             `EXACT_INDEX_LIMIT` vectors.
         dtype: how embeddings are stored; default float16, or the existing index's.
@@ -152,6 +154,8 @@ def build_index(
     with index_lock(output):
         previous = read_info(output)
         model, processor = load_model_and_processor(model_name_or_path, device)
+        if callable(source):
+            source = source()
         info = IndexInfo(
             model_name_or_path=recorded_model_path(model_name_or_path),
             model_fingerprint=model_fingerprint(model, processor),
@@ -199,6 +203,7 @@ def write_generation(
     new_raw = output / f".new-embeddings.{os.getpid()}.tmp"
     try:
         encoded, unreadable = encode([name for name in source.filenames if name not in known], new_raw)
+        unreadable = source.unreadable + unreadable
         filenames = old_metadata["filename"].iloc[keep_rows].tolist() + encoded
         if not filenames:
             raise InputError(f"{source.root}: no readable images, so nothing was indexed")
