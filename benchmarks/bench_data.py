@@ -4,6 +4,7 @@ and training input images/s from shards against the same images as files.
     python -m benchmarks.bench_data                       # 10k and 1M samples (a few minutes)
     python -m benchmarks.bench_data --sizes 10000000      # the 10M-row CSV (needs ~2 GB of disk)
     python -m benchmarks.bench_data --quick               # seconds
+    python -m benchmarks.bench_data --sizes --input_images 0   # only the 1M and 10M shards of sizes.json
 
 Each figure comes from a fresh Python process, as a training process starts:
 
@@ -14,6 +15,12 @@ Each figure comes from a fresh Python process, as a training process starts:
   stream built and its first batch read (shards are written only up to --max_shard_samples);
 - `seconds_to_first_batch` is measured after the imports (torch alone takes a few seconds);
   `peak_rss_mb` is the process's peak resident memory, imports included;
+- `claimed_shards`: 1,000 small real shards (16 real samples each) whose sizes.json claims
+  N / 1,000 samples each, for N of 1M and 10M without writing gigabytes. The stream is built
+  from sizes.json and cycles its shards, so start-up and memory do not depend on the samples
+  being there: this measures the start-up (listing, sizes, the stream's length and order) and
+  the first batch (the 1,000-sample shuffle buffer filled from about 65 shards, where a real
+  10,000-sample shard would fill it from one), not reading N samples;
 - `input`: images/s through a DataLoader (batch 32, 2 workers, 224 px crops) from shards and
   from the same JPEGs as files.
 
@@ -64,7 +71,7 @@ def write_csv(path: Path, rows: int) -> None:
 def write_shards(directory: Path, samples: int, jpegs: list[bytes], shard_size: int = 10_000) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     sizes = {}
-    for shard, start in enumerate(range(0, samples, shard_size)):
+    for shard, start in enumerate(range(0, samples, shard_size)):  # real samples, each written
         name = f"{shard:05d}.tar"
         with tarfile.open(directory / name, "w") as tar:
             for i in range(start, min(samples, start + shard_size)):
@@ -77,6 +84,28 @@ def write_shards(directory: Path, samples: int, jpegs: list[bytes], shard_size: 
                     tar.addfile(info, io.BytesIO(data))
         sizes[name] = min(samples, start + shard_size) - start
     (directory / "sizes.json").write_text(json.dumps(sizes))
+
+
+CLAIMED_SHARDS = 1_000
+REAL_PER_CLAIMED_SHARD = 16
+
+
+def claimed_shards(sizes: list[int], root: Path, jpegs: list[bytes]) -> dict:
+    """Shards of N samples as sizes.json claims them: 1,000 real shards of 16 samples, and a
+    sizes.json giving each N / 1,000 (see the module docstring for what that measures)."""
+    directory = root / "claimed_shards"
+    write_shards(directory, CLAIMED_SHARDS * REAL_PER_CLAIMED_SHARD, jpegs, shard_size=REAL_PER_CLAIMED_SHARD)
+    figures = {}
+    for size in sizes:
+        claimed = {f"{shard:05d}.tar": size // CLAIMED_SHARDS for shard in range(CLAIMED_SHARDS)}
+        (directory / "sizes.json").write_text(json.dumps(claimed))
+        row = measure("shards", directory, directory)
+        row["samples_from"] = (f"sizes.json: {CLAIMED_SHARDS} shards x {size // CLAIMED_SHARDS} claimed; "
+                               f"{CLAIMED_SHARDS * REAL_PER_CLAIMED_SHARD} real samples on disk")  # fmt: skip
+        row["measures"] = ("start-up (shard list, sizes.json, the stream's length and order) and the "
+                           "first batch; start-up and memory do not read the samples")  # fmt: skip
+        figures[str(size)] = row
+    return figures
 
 
 def transform():
@@ -157,9 +186,16 @@ def input_speed(count: int, root: Path, jpegs: list[bytes]) -> dict:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 1_000_000])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[10_000, 1_000_000])
+    parser.add_argument(
+        "--claimed_sizes",
+        type=int,
+        nargs="*",
+        default=[1_000_000, 10_000_000],
+        help="shard sample counts measured with sizes.json claims (see claimed_shards)",
+    )
     parser.add_argument("--max_shard_samples", type=int, default=100_000)
-    parser.add_argument("--input_images", type=int, default=2_000)
+    parser.add_argument("--input_images", type=int, default=2_000, help="0: no input speed figures")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--child", nargs=5, metavar=("KIND", "PATH", "IMAGES", "WORKERS", "BATCHES"))
     args = parser.parse_args(argv)
@@ -168,13 +204,15 @@ def main(argv=None) -> dict:
         print(json.dumps(child(kind, path, images, int(workers), int(batches))))
         return {}
     if args.quick:
-        args.sizes, args.input_images = [2_000], 320
+        args.sizes, args.input_images, args.claimed_sizes = [2_000], 320, []
     jpegs = tiny_jpegs(POOL)
     with tempfile.TemporaryDirectory() as directory:
         root = Path(directory)
         result = {"machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "load_average": load_average()},
                   "scale": scale(args.sizes, args.max_shard_samples, root, jpegs),
-                  "input": input_speed(args.input_images, root, tiny_jpegs(64, side=256))}  # fmt: skip
+                  "claimed_shards": claimed_shards(args.claimed_sizes, root, jpegs),
+                  "input": input_speed(args.input_images, root, tiny_jpegs(64, side=256))
+                  if args.input_images else None}  # fmt: skip
     print(json.dumps(result, indent=1))
     return result
 
