@@ -1,17 +1,16 @@
 """Shared fixtures: tiny random towers and checkpoints built locally, never from the hub."""
 
 import os
-import random
 from pathlib import Path
 
 import pytest
 import torch
+from _runs import write_shapes
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from component.model import BertCLIPModel
-from component.testing.demo import all_combinations, write_split
 from component.testing.tiny import write_bert_clip, write_tiny_bert, write_tiny_clip
 
 
@@ -39,10 +38,4 @@ def tiny_model(tiny_checkpoint) -> BertCLIPModel:
 @pytest.fixture(scope="session")
 def shapes(tmp_path_factory) -> Path:
     """40 training and 16 test images of coloured shapes with Chinese captions (train.csv, test.csv)."""
-    directory = tmp_path_factory.mktemp("perf_shapes")
-    rng = random.Random(1)
-    write_split(
-        directory, "train", [rng.choice(all_combinations()) for _ in range(40)], rng, vary_template=True
-    )
-    write_split(directory, "test", all_combinations()[:16], rng, vary_template=False)
-    return directory
+    return write_shapes(tmp_path_factory.mktemp("perf_shapes"), train=40, test=16, seed=1)

@@ -2,16 +2,15 @@
 fast-forward, and bad shards and samples."""
 
 import json
-import random
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from _runs import write_shapes
 from _shards import add_member, write_img2dataset_shards
 
 from component.processor import ImageTransform, load_processor
-from component.testing.demo import all_combinations, write_split
 from component.training.dataset import DataError
 from component.training.shards import ShardStream, TarSource
 from datatools.shards import ShardError, expand_braces, iter_tar_samples, list_shards, shard_sizes
@@ -19,12 +18,7 @@ from datatools.shards import ShardError, expand_braces, iter_tar_samples, list_s
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("shard_shapes")
-    rng = random.Random(1)
-    write_split(
-        directory, "train", [rng.choice(all_combinations()) for _ in range(24)], rng, vary_template=True
-    )
-    return directory
+    return write_shapes(tmp_path_factory.mktemp("shard_shapes"), train=24, seed=1)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ shard list that changed before a resume."""
 import json
 import multiprocessing
 import os
-import random
 import signal
 import socket
 import subprocess
@@ -14,14 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from _runs import tiny_run_args, write_args
+from _runs import run_until_killed, tiny_run_args, write_args, write_shapes
 from _shards import write_img2dataset_shards
 from safetensors.torch import load_file
-from transformers import TrainerCallback
 
 import train_clip
-from component.testing.demo import all_combinations, write_split
-from component.training.arguments import parse_train_args
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -29,12 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     """32 training and 12 test images as CSV + files, and the same as img2dataset shards."""
-    directory = tmp_path_factory.mktemp("shard_runs")
-    rng = random.Random(2)
-    write_split(
-        directory, "train", [rng.choice(all_combinations()) for _ in range(32)], rng, vary_template=True
-    )
-    write_split(directory, "test", all_combinations()[:12], rng, vary_template=False)
+    directory = write_shapes(tmp_path_factory.mktemp("shard_runs"), train=32, test=12, seed=2)
     write_img2dataset_shards(directory / "train.csv", directory / "images", directory / "train_one", 32)
     write_img2dataset_shards(directory / "train.csv", directory / "images", directory / "train_shards", 4)
     write_img2dataset_shards(directory / "test.csv", directory / "images", directory / "test_shards", 5)
@@ -62,23 +53,6 @@ def test_shards_train_like_the_same_samples_from_a_csv(tiny_towers, data, tmp_pa
     shards = {"train_file": str(data / "train_one"), "shuffle_buffer": 1}
     run(tmp_path, "shards", tiny_run_args(tiny_towers, data, tmp_path / "shards", **common, **shards))
     assert_same_weights(tmp_path / "csv", tmp_path / "shards")
-
-
-class KillAtStep(TrainerCallback):
-    """Simulate `kill -9` right after the given step: no cleanup, no final save."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-def run_until_killed(args_path: Path, kill_step: int) -> None:
-    from component.training.run import run_training
-
-    run_training(*parse_train_args(args_path), extra_callbacks=(KillAtStep(kill_step),))
 
 
 @pytest.mark.parametrize("train_file", ["train.csv", "train_shards"])

@@ -1,12 +1,11 @@
 """Text towers besides BERT (tiny XLM-RoBERTa and ERNIE): build, pool, save, reload, train, predict, index."""
 
 import json
-import random
 from pathlib import Path
 
 import pytest
 import torch
-from _runs import tiny_run_args, write_args
+from _runs import tiny_run_args, write_args, write_shapes
 from PIL import Image
 from transformers import AutoModel, AutoProcessor, DistilBertConfig, ErnieModel, XLMRobertaModel
 
@@ -18,7 +17,6 @@ import train_clip
 from component.errors import CheckpointError
 from component.model import BertCLIPModel, BertCLIPTextModel
 from component.processor import load_processor, load_tokenizer
-from component.testing.demo import all_combinations, write_split
 from component.testing.tiny import write_bert_clip, write_tiny_ernie, write_tiny_roberta
 from component.text_tower import build_text_tower, max_text_length
 
@@ -151,12 +149,7 @@ def test_chinese_clip_export_refuses_a_non_bert_tower(checkpoints):
 @pytest.fixture(scope="module")
 def shapes_data(tmp_path_factory) -> Path:
     """16 training and 8 test images of coloured shapes with Chinese captions."""
-    directory = tmp_path_factory.mktemp("tower_shapes")
-    rng = random.Random(0)
-    train_items = [rng.choice(all_combinations()) for _ in range(16)]
-    write_split(directory, "train", train_items, rng, vary_template=True)
-    write_split(directory, "test", all_combinations()[:8], rng, vary_template=False)
-    return directory
+    return write_shapes(tmp_path_factory.mktemp("tower_shapes"), train=16, test=8)
 
 
 @pytest.mark.parametrize("name", TOWERS)

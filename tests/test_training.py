@@ -4,7 +4,6 @@ import importlib.util
 import json
 import multiprocessing
 import os
-import random
 import signal
 import socket
 import subprocess
@@ -15,15 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _runs import tiny_run_args, write_args
+from _runs import run_until_killed, tiny_run_args, write_args, write_shapes
 from safetensors.torch import load_file
-from transformers import AutoProcessor, TrainerCallback
+from transformers import AutoProcessor
 
 import train_clip
 from component.evaluation.metrics import retrieval_metrics
 from component.model import BertCLIPModel
 from component.processor import ImageTransform, load_processor
-from component.testing.demo import all_combinations, write_split
 from component.training.arguments import ArgumentError, parse_train_args
 from component.training.collator import ImageTextCollator
 from component.training.dataset import ImageTextDataset, StringColumn, read_image_text_csv
@@ -37,12 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def shapes_data(tmp_path_factory) -> Path:
     """48 training and 20 test images of coloured shapes with Chinese captions."""
-    directory = tmp_path_factory.mktemp("shapes")
-    rng = random.Random(0)
-    combinations = all_combinations()
-    write_split(directory, "train", [rng.choice(combinations) for _ in range(48)], rng, vary_template=True)
-    write_split(directory, "test", combinations[:20], rng, vary_template=False)
-    return directory
+    return write_shapes(tmp_path_factory.mktemp("shapes"), train=48, test=20)
 
 
 def weights(directory: Path) -> dict[str, torch.Tensor]:
@@ -287,23 +280,6 @@ def test_unlock_at_step_trains_the_image_tower_afterwards(tiny_towers, shapes_da
                            model.vision_model.embeddings.patch_embedding.weight)  # fmt: skip
     history = json.loads((output / "trainer_state.json").read_text())["log_history"]
     assert {"step": 3, "vision_unlocked": "unlock_vision_at=3"} in history
-
-
-class KillAtStep(TrainerCallback):
-    """Simulate `kill -9` right after the given step: no cleanup, no final save."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-def run_until_killed(args_path: Path, kill_step: int) -> None:
-    from component.training.run import run_training
-
-    run_training(*parse_train_args(args_path), extra_callbacks=(KillAtStep(kill_step),))
 
 
 def test_kill_and_rerun_ends_with_the_same_weights(tiny_towers, shapes_data, tmp_path):

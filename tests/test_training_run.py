@@ -5,7 +5,6 @@ import errno
 import fcntl
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -14,13 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
-from _runs import tiny_run_args, write_args
+from _runs import tiny_run_args, write_args, write_shapes
 from PIL import Image
 from transformers import TrainerCallback
 
 import train_clip
 from component.encoding import load_model_and_processor
-from component.testing.demo import all_combinations, write_split
 from component.training.arguments import parse_train_args
 from component.training.run import run_training
 from component.training.run_output import (
@@ -41,12 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def shapes_data(tmp_path_factory) -> Path:
     """24 training and 12 test images of coloured shapes with Chinese captions."""
-    directory = tmp_path_factory.mktemp("shapes")
-    rng = random.Random(0)
-    combinations = all_combinations()
-    write_split(directory, "train", [rng.choice(combinations) for _ in range(24)], rng, vary_template=True)
-    write_split(directory, "test", combinations[:12], rng, vary_template=False)
-    return directory
+    return write_shapes(tmp_path_factory.mktemp("shapes"), train=24, test=12)
 
 
 def run_args(tiny_towers, shapes_data, tmp_path: Path, name: str, **overrides) -> Path:
