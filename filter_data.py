@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from datatools.csv_rows import AtomicCsvWriter, CsvTable, InputError
 from datatools.errors import UserError
-from datatools.image_check import DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, check_rows
+from datatools.image_check import DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MIN_SIDE, check_rows
+from datatools.images import MAX_PIXELS
 
 REQUIRED_COLUMNS = ("text", "filename")
 
@@ -49,7 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="drop images whose long/short side ratio is larger (0: no limit)",
     )
     parser.add_argument(
-        "--max_pixels", type=int, default=DEFAULT_MAX_PIXELS, help="larger images are decompression bombs"
+        "--max_pixels", type=int, default=MAX_PIXELS, help="larger images are decompression bombs"
     )
     return parser.parse_args(argv)
 

@@ -33,14 +33,13 @@ from datatools.fetch import (
     fetch_image,
 )
 from datatools.image_check import (
-    DEFAULT_MAX_PIXELS,
     ImageRoot,
     RejectedError,
     decode_fully,
     open_image,
     reason_for_path_error,
 )
-from datatools.images import to_rgb, upright
+from datatools.images import MAX_PIXELS, to_rgb, upright
 
 REPORT_NAME = "download_report.json"
 FAILED_NAME = "download_failed.csv"
@@ -73,7 +72,7 @@ class ConvertedImage:
     sha256: str = ""
 
 
-def convert_image(data: bytes, short_side: int = 256, max_pixels: int = DEFAULT_MAX_PIXELS) -> ConvertedImage:
+def convert_image(data: bytes, short_side: int = 256, max_pixels: int = MAX_PIXELS) -> ConvertedImage:
     """Decode `data` fully and return it as an upright RGB JPEG (quality 90), short side <= `short_side`.
 
     JPEGs much larger than the target are decoded at a reduced scale (PIL draft mode: 1/2, 1/4
@@ -103,7 +102,7 @@ def convert_image(data: bytes, short_side: int = 256, max_pixels: int = DEFAULT_
         return ConvertedImage(buffer.getvalue(), *rgb.size, *original, hashlib.sha256(data).hexdigest())
 
 
-def to_training_jpeg(data: bytes, short_side: int = 256, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes:
+def to_training_jpeg(data: bytes, short_side: int = 256, max_pixels: int = MAX_PIXELS) -> bytes:
     """`convert_image`'s JPEG bytes alone."""
     return convert_image(data, short_side, max_pixels).jpeg
 

@@ -30,7 +30,7 @@ from urllib3.exceptions import (
 )
 from urllib3.exceptions import HTTPError as Urllib3Error
 
-from datatools.image_check import DEFAULT_MAX_PIXELS, RejectedError
+from datatools.images import MAX_PIXELS, RejectedError
 from datatools.resolve import INTERRUPTED, POOL_CLASSES_BY_SCHEME, LookupTimeoutError, RequestWatch
 
 HEADERS = {
@@ -57,7 +57,7 @@ class DownloadOptions:
     max_retry_after: float = 60.0  # a longer Retry-After gives up at once
     max_redirects: int = 5
     short_side: int = 256  # shrink so the shorter side is at most this; 0 keeps the size
-    max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb limit
+    max_pixels: int = MAX_PIXELS  # decompression-bomb limit
 
     def __post_init__(self) -> None:
         for name in ("timeout", "deadline", "backoff", "max_retry_after"):

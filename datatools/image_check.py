@@ -21,7 +21,6 @@ from PIL import Image
 
 from datatools.images import MAX_PIXELS, RejectedError, open_image, reason_for_decode_error
 
-DEFAULT_MAX_PIXELS = MAX_PIXELS
 DEFAULT_MIN_SIDE = 10
 DEFAULT_MAX_ASPECT_RATIO = 10.0
 DEFAULT_NAME_MAX = 255  # bytes in one part of a path, on most file systems
@@ -112,7 +111,7 @@ def check_image(
     path: str | Path,
     min_side: int = DEFAULT_MIN_SIDE,
     max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_pixels: int = MAX_PIXELS,
 ) -> str | None:
     """Why the image at `path` is unfit for training, or None when it is fine.
 
@@ -190,7 +189,7 @@ def check_rows(
     workers: int,
     min_side: int = DEFAULT_MIN_SIDE,
     max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_pixels: int = MAX_PIXELS,
     batch_size: int = 64,
 ) -> Iterator[tuple[dict[str, str], str | None]]:
     """Yield `(row, reason)` in input order, `reason` None for a row to keep.
