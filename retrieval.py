@@ -36,9 +36,8 @@ from component.retrieval.index import RetrievalIndex, SearchResult, results_docu
 from component.retrieval.query_encoders import BACKENDS
 from component.retrieval.store import EMBEDDING_DTYPES
 from component.retrieval.vectors import INDEX_TYPES
-from datatools.cn_clip_data import is_cn_clip_data
+from datatools.data_kind import data_kind
 from datatools.errors import report_user_errors
-from datatools.shards import is_shard_spec
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -120,7 +119,7 @@ def index_source(args: argparse.Namespace) -> ImageSource | Callable[[], ImageSo
                 "--image_path goes with a CSV --input; --images_dir is itself the image directory"
             )
         return images_in_directory(args.images_dir)
-    if is_cn_clip_data(args.input) or is_shard_spec(args.input):
+    if data_kind(args.input) != "csv":
         if args.image_path is not None:
             raise InputError(f"{args.input} holds its images; --image_path goes only with a CSV --input")
         return partial(images_in_data, str(args.input), args.output / IMAGES_FOLDER)

@@ -16,9 +16,10 @@ from component.errors import InputError
 from component.training.dataset import ImageTextRows, StringColumn, read_image_text_csv
 from component.training.shards import TarSource
 from component.training.sources import CsvSource, ImageTextSource, PairReaderSource
-from datatools.cn_clip_data import is_cn_clip_data, open_cn_clip_data
+from datatools.cn_clip_data import open_cn_clip_data
+from datatools.data_kind import data_kind
 from datatools.images import RejectedError
-from datatools.shards import is_shard_spec, list_shards
+from datatools.shards import list_shards
 
 
 class CnClipSource(PairReaderSource):
@@ -51,9 +52,10 @@ def open_source(
 ) -> ImageTextSource:
     """The map-style source of a CSV (with `image_path`), a `*_texts.jsonl`, a Chinese-CLIP LMDB, or
     webdataset shards (a .tar, a brace pattern, a glob or a directory of them)."""
-    if is_cn_clip_data(path):  # before shards: a directory may be either
+    kind = data_kind(path)
+    if kind == "cn_clip":
         return CnClipSource(path)
-    if is_shard_spec(path):
+    if kind == "shards":
         return TarSource(list_shards(path), str(path))
     path = Path(path)
     if not path.exists():

@@ -13,8 +13,8 @@ from pathlib import Path
 from transformers import TrainingArguments
 
 from component.training.arg_values import ArgumentError
-from datatools.cn_clip_data import is_cn_clip_data
-from datatools.shards import ShardError, is_shard_spec, list_shards
+from datatools.data_kind import data_kind
+from datatools.shards import ShardError, list_shards
 
 # report_to name -> (modules of which one must import, what to pip install)
 REPORTING_PACKAGES = {
@@ -103,7 +103,7 @@ def check_paths(path: str | Path, model_args, data_args) -> None:
     """
     for key in ("train_file", "test_file", "image_path"):
         value = getattr(data_args, key)
-        if value and key != "image_path" and not is_cn_clip_data(value) and is_shard_spec(value):
+        if value and key != "image_path" and data_kind(value) == "shards":
             try:
                 list_shards(value)
             except ShardError as error:

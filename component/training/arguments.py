@@ -25,15 +25,14 @@ from component.training.arg_values import (
     read_arg_file,
     translate_old_names,
 )
-from datatools.cn_clip_data import is_cn_clip_data
-from datatools.shards import is_shard_spec
+from datatools.data_kind import data_kind
 
 DEFAULT_TEXT_TOWER = "Langboat/mengzi-bert-base"
 
 
 def names_image_files(data: str | None) -> bool:
     """Whether a train_file/test_file value is a CSV, whose filenames are relative to image_path."""
-    return bool(data) and not is_cn_clip_data(data) and not is_shard_spec(data)
+    return bool(data) and data_kind(data) == "csv"
 
 
 @dataclass

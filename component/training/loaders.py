@@ -24,8 +24,8 @@ from component.training.dataset import DataError, ImageTextDataset
 from component.training.row_store import load_rows
 from component.training.shards import ShardStream, TarSource
 from datatools.atomic import write_json_atomic
-from datatools.cn_clip_data import is_cn_clip_data
-from datatools.shards import is_shard_spec, list_shards, shard_sizes
+from datatools.data_kind import data_kind
+from datatools.shards import list_shards, shard_sizes
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +48,10 @@ def build_dataset(spec: str, data_args, transform: ImageTransform, training_args
     a CSV (rows through the row store), or shards: a stream when `stream` (training), else an index
     (a test set, or cached image features)."""
     cache_dir = Path(training_args.output_dir) / "data_cache"
-    if is_cn_clip_data(spec):  # first: a directory may be an LMDB or a folder of shards
+    kind = data_kind(spec)
+    if kind == "cn_clip":
         return ImageTextDataset(CnClipSource(spec), transform=transform, draft=data_args.draft_decode)
-    if not is_shard_spec(spec):
+    if kind == "csv":
         rows = load_rows(spec, data_args.csv_encoding, cache_dir, process_index=training_args.process_index)
         return ImageTextDataset(rows, data_args.image_path, transform, draft=data_args.draft_decode)
     shards = list_shards(spec)
