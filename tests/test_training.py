@@ -26,6 +26,7 @@ from component.training.arguments import ArgumentError, parse_train_args
 from component.training.collator import ImageTextCollator
 from component.training.dataset import ImageTextDataset, StringColumn, read_image_text_csv
 from component.training.freezing import apply_tower_locks, parameter_groups, unlock_vision_tower
+from component.training.loaders import dataset_retrieval_metrics
 from component.training.run import run_training
 from component.training.trainer import BadImageError, BadImageTracker, newest_complete_checkpoint
 
@@ -228,6 +229,45 @@ def test_retrieval_metrics_by_hand_with_a_shared_image():
     # text 0 -> image 1 (wrong); text 1 -> image 0 (right); text 2 -> image 0 (wrong)
     assert metrics["t2i_recall@1"] == pytest.approx(1 / 3) and metrics["t2i_recall@5"] == 1.0
     assert metrics["mean_recall"] == pytest.approx((0.5 + 1 + 1 + 1 / 3 + 1 + 1) / 6)
+
+
+def test_a_caption_of_several_images_is_one_text_that_each_of_them_matches():
+    # Images 0 and 1 are red, image 2 green; text 0 is "red", text 1 "green".
+    images = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.9, 0.3], [0.0, 1.0]]), dim=-1)
+    texts = torch.tensor([[1.0, 0.0], [0.1, 1.0]])
+    metrics = retrieval_metrics(images, texts, [[0, 1], [2]])
+    assert metrics["mean_recall"] == 1.0  # "red" finds a red image first, each image its colour
+    # With image 1's "red" read as a text of image 0 alone, "red" would rank image 0 first: a miss.
+    assert retrieval_metrics(images, texts, [[1], [2]])["t2i_recall@1"] == 0.5
+
+
+class ClassNameSource:
+    """A test source whose captions are class names: several images per caption."""
+
+    def __init__(self, captions: list[str]):
+        self.captions = captions
+
+    def caption(self, index: int) -> str:
+        return self.captions[index]
+
+    def image_key(self, index: int) -> str:
+        return f"image-{index}.jpg"
+
+
+def test_test_rows_with_one_caption_count_as_one_text_whatever_their_order():
+    # Rows of a class-name test set: every row of a caption has the same text embedding, so as rows
+    # of their own they would tie and the sort's tie-break would decide which image is "right".
+    captions = ["红色", "绿色", "红色", "红色", "绿色"]
+    colour = {"红色": [1.0, 0.0], "绿色": [0.0, 1.0]}
+    image_embeds = torch.nn.functional.normalize(
+        torch.tensor([[1.0, 0.1], [0.2, 1.0], [1.0, 0.3], [1.0, 0.2], [0.1, 1.0]]), dim=-1
+    )
+    text_embeds = torch.tensor([colour[c] for c in captions])
+    dataset = types.SimpleNamespace(source=ClassNameSource(captions))
+    for order in ([0, 1, 2, 3, 4], [4, 3, 2, 1, 0], [2, 0, 4, 1, 3]):
+        index = torch.tensor(order)
+        metrics = dataset_retrieval_metrics(dataset, image_embeds[index], text_embeds[index], index)
+        assert metrics["mean_recall"] == 1.0 and (metrics["images"], metrics["texts"]) == (5, 2), order
 
 
 # --- whole runs --------------------------------------------------------------------------------

@@ -1,4 +1,7 @@
-"""Retrieval metrics over a whole test set, where several captions may share one image."""
+"""Retrieval metrics over a whole test set, where several captions may share one image and one
+caption (a class name, say) may belong to several images."""
+
+from collections.abc import Sequence
 
 import torch
 
@@ -6,32 +9,42 @@ RECALL_AT = (1, 5, 10)
 
 
 def retrieval_metrics(
-    image_embeds: torch.Tensor, text_embeds: torch.Tensor, text_to_image: torch.Tensor
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    text_to_image: torch.Tensor | Sequence[Sequence[int]],
 ) -> dict[str, float]:
     """Image->text and text->image recall@1/5/10 and their mean, as fractions.
 
     Args:
         image_embeds: normalised embeddings of the distinct images, [n_images, dim].
-        text_embeds: normalised embeddings of the captions, [n_texts, dim].
-        text_to_image: for each caption, the row of its image in `image_embeds`, [n_texts].
+        text_embeds: normalised embeddings of the distinct captions, [n_texts, dim].
+        text_to_image: for each caption, the row of its image in `image_embeds` ([n_texts]), or
+            the rows of all its images (one list per caption).
 
-    An image counts as retrieved at k when any of its captions is among its k nearest texts.
+    An image counts as retrieved at k when any of its captions is among its k nearest texts, and a
+    caption when any of its images is among its k nearest images. A caption shared by several
+    images is one text matched by each of them, as Chinese-CLIP's evaluation counts it: as rows of
+    their own, copies of a caption would tie, and the tie-break would decide the recall.
     """
     similarity = image_embeds.float() @ text_embeds.float().T  # [n_images, n_texts]
     n_images, n_texts = similarity.shape
     matches = torch.zeros(n_images, n_texts, dtype=torch.bool)
-    matches[text_to_image, torch.arange(n_texts)] = True
+    if isinstance(text_to_image, torch.Tensor):
+        matches[text_to_image, torch.arange(n_texts)] = True
+    else:
+        for text, images in enumerate(text_to_image):
+            matches[list(images), text] = True
 
-    # Rank of each (image, text) pair from the image's side and from the text's side; 0 is best.
-    image_order = similarity.argsort(dim=1, descending=True)
-    best_caption_rank = matches.gather(1, image_order).float().argmax(dim=1)  # first hit per image
+    # Rank of the first matching candidate from each side; 0 is best.
+    image_order = similarity.argsort(dim=1, descending=True)  # [n_images, n_texts]
+    best_caption_rank = matches.gather(1, image_order).float().argmax(dim=1)
     text_order = similarity.T.argsort(dim=1, descending=True)  # [n_texts, n_images]
-    image_rank = (text_order == text_to_image.unsqueeze(1)).float().argmax(dim=1)
+    best_image_rank = matches.T.gather(1, text_order).float().argmax(dim=1)
 
     metrics = {}
     for k in RECALL_AT:
         metrics[f"i2t_recall@{k}"] = (best_caption_rank < k).float().mean().item()
-        metrics[f"t2i_recall@{k}"] = (image_rank < k).float().mean().item()
+        metrics[f"t2i_recall@{k}"] = (best_image_rank < k).float().mean().item()
     metrics["mean_recall"] = sum(metrics.values()) / len(metrics)
     return metrics
 

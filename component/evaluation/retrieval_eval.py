@@ -77,8 +77,8 @@ def retrieval_scores(
 ) -> dict[str, dict[str, float]]:
     """Both sets of metrics from the embeddings of the distinct texts and of every candidate image.
 
-    "toolkit": `retrieval_metrics` as training's evaluation reports it (one caption row per pair,
-    each image once, only images with a text; fractions). "cn_clip": Chinese-CLIP's protocol (each
+    "toolkit": `retrieval_metrics` as training's evaluation reports it (each text and each image
+    once, only images with a text; fractions). "cn_clip": Chinese-CLIP's protocol (each
     text once against every candidate image; percentages, MR the mean of the six recalls).
     """
     image_column = {key: column for column, key in enumerate(eval_set.images)}
@@ -91,9 +91,9 @@ def retrieval_scores(
 
     used_columns = list(dict.fromkeys(pair_columns))  # images with a text, in first-pair order
     image_number = {column: number for number, column in enumerate(used_columns)}
-    text_to_image = torch.tensor([image_number[column] for column in pair_columns])
-    toolkit = retrieval_metrics(image_embeds[used_columns], text_embeds[pair_rows], text_to_image)
-    note = trivial_recall_note(len(used_columns), len(pair_rows))
+    text_to_used = [[image_number[column] for column in columns] for columns in text_to_images]
+    toolkit = retrieval_metrics(image_embeds[used_columns], text_embeds, text_to_used)
+    note = trivial_recall_note(len(used_columns), len(text_embeds))
     if note:
         logger.warning(f"{eval_set.source}: {note}")
     return {"toolkit": toolkit, "cn_clip": cn_clip}

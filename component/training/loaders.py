@@ -159,14 +159,21 @@ def check_same_shards(checkpoint: str | None, stream) -> None:
 
 
 def dataset_retrieval_metrics(dataset, image_embeds, text_embeds, sample_index) -> dict[str, float]:
-    """Retrieval metrics where samples with the same image key count as one image, plus `images`,
-    the number of distinct images; for any map-style source."""
-    keys = [dataset.source.image_key(int(i)) for i in sample_index]
-    first_row_of: dict[str, int] = {}
-    for row, key in enumerate(keys):
-        first_row_of.setdefault(key, row)
-    image_rows = torch.tensor(list(first_row_of.values()))
-    image_number = {key: n for n, key in enumerate(first_row_of)}
-    text_to_image = torch.tensor([image_number[k] for k in keys])
-    metrics = retrieval_metrics(image_embeds[image_rows], text_embeds, text_to_image)
-    return {**metrics, "images": len(first_row_of)}
+    """Retrieval metrics where samples with the same image key count as one image and samples with
+    the same caption as one text, plus `images` and `texts`, the distinct counts; for any map-style
+    source."""
+    source = dataset.source
+    image_row_of: dict[str, int] = {}
+    text_row_of: dict[str, int] = {}
+    text_images: dict[str, list[int]] = {}
+    for row, index in enumerate(int(i) for i in sample_index):
+        image = image_row_of.setdefault(source.image_key(index), row)
+        caption = source.caption(index)
+        text_row_of.setdefault(caption, row)
+        text_images.setdefault(caption, []).append(image)
+    image_rows = list(image_row_of.values())
+    image_number = {row: number for number, row in enumerate(image_rows)}
+    text_to_images = [sorted({image_number[row] for row in rows}) for rows in text_images.values()]
+    text_rows = list(text_row_of.values())
+    metrics = retrieval_metrics(image_embeds[image_rows], text_embeds[text_rows], text_to_images)
+    return {**metrics, "images": len(image_rows), "texts": len(text_rows)}

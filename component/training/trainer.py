@@ -193,7 +193,7 @@ class CLIPTrainer(DataLoaderMixin, Trainer):
         """eval_loss plus image<->text recall@1/5/10 over the test rows whose image loaded.
 
         Also `eval_bad_images` (test images replaced because they failed to load; too many stop
-        the run, as in training) and `eval_images` (distinct images scored).
+        the run, as in training), `eval_images` and `eval_texts` (distinct images and captions scored).
         """
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         dataloader = self.get_eval_dataloader(dataset)
@@ -233,7 +233,7 @@ class CLIPTrainer(DataLoaderMixin, Trainer):
         recall = dataset_retrieval_metrics(
             dataset, torch.cat(image_parts)[keep], torch.cat(text_parts)[keep], sample_index[keep]
         )
-        self._warn_if_recall_is_trivial(source, recall["images"], len(keep))
+        self._warn_if_recall_is_trivial(source, recall["images"], recall["texts"])
         recall["bad_images"] = bad
         metrics.update({f"{metric_key_prefix}_{name}": value for name, value in recall.items()})
         self.log(metrics)
