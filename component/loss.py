@@ -137,9 +137,11 @@ def siglip_loss(
         logit_scale: log of the scale, a scalar.
         logit_bias: the learnt bias, a scalar (SigLIP starts it at -10).
         same_caption: optional [batch, global batch] bool, True where row i's caption equals global
-            row j's. Such pairs count as matches (z = +1): image j does fit caption i, word for word,
-            and each pair is its own binary decision, so a sigmoid loss takes several positives per
-            row as they are (as FFF, Bulat et al. 2024, does for its mined false negatives).
+            row j's. Such pairs (other than row i's own) are left out of the sum: image j does fit
+            caption i, so it is no negative, and row i's own pair already asks for the match. Left
+            out rather than counted as matches: on class-name captions (16 classes, batch 128, 16
+            seeds), counted as matches they left held-out accuracy about 4 points behind plain
+            SigLIP after 80 steps; left out, it was level with or ahead of plain SigLIP.
     """
     _check_pairs(image_embeds, text_embeds, same_caption)
     if logit_bias is None:
@@ -147,11 +149,12 @@ def siglip_loss(
     all_text_embeds, offset = gather_with_grad(text_embeds)
     dtype = torch.promote_types(image_embeds.dtype, torch.float32)  # no half-precision log-sigmoid
     logits = logit_scale.exp() * image_embeds.to(dtype) @ all_text_embeds.to(dtype).T + logit_bias
-    matches = _own_pairs(image_embeds.shape[0], offset, logits.shape[1], logits.device)
+    own = _own_pairs(image_embeds.shape[0], offset, logits.shape[1], logits.device)
+    signs = torch.where(own, 1.0, -1.0).to(dtype)  # z, [batch, global batch]
+    terms = -F.logsigmoid(signs * logits)
     if same_caption is not None:
-        matches = matches | same_caption.to(logits.device)
-    signs = torch.where(matches, 1.0, -1.0).to(dtype)  # z, [batch, global batch]
-    return -F.logsigmoid(signs * logits).sum() / image_embeds.shape[0]
+        terms = terms.masked_fill(same_caption.to(logits.device) & ~own, 0.0)
+    return terms.sum() / image_embeds.shape[0]
 
 
 LossName = Literal["clip", "siglip"]

@@ -54,13 +54,13 @@ def naive_masked_loss(image_embeds, text_embeds, logit_scale, same):
 
 
 def naive_masked_siglip_loss(image_embeds, text_embeds, logit_scale, logit_bias, same):
-    """SigLIP's loss where a pair with the same caption is a match (z = +1)."""
+    """SigLIP's loss with the same-caption pairs other than a row's own left out of the sum."""
     n = image_embeds.shape[0]
     total = 0.0
     for i in range(n):
-        for j in range(n):
+        for j in [j for j in range(n) if j == i or not same[i][j]]:
             logit = math.exp(logit_scale) * float(image_embeds[i] @ text_embeds[j]) + logit_bias
-            z = 1.0 if i == j or same[i][j] else -1.0
+            z = 1.0 if i == j else -1.0
             total += math.log1p(math.exp(-z * logit))
     return total / n
 
