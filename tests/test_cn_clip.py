@@ -7,6 +7,7 @@ transforms are only used by `image_transform`, which these tests replace by hand
 stub again at once.
 """
 
+import ast
 import importlib.machinery
 import importlib.util
 import json
@@ -191,6 +192,35 @@ def test_default_vocabulary_tokenizes_as_cn_clip(cn_clip):
     texts = ["一只可爱的猫 in the Garden", "2023年，北京！", "ＡＢＣ全角字母"]
     ids = processor.tokenizer(texts, padding="max_length", max_length=52, return_tensors="pt").input_ids
     assert torch.equal(ids, cn_clip.utils.tokenize(texts, context_length=52))
+
+
+def cn_clip_text_cleaning():
+    """cn_clip's `_preprocess_text`, read from its training and evaluation data loaders (importing
+    them needs torchvision); the two must be the same function."""
+    package = Path(importlib.util.find_spec("cn_clip").origin).parent
+    sources = []
+    for loader in ("training/data.py", "eval/data.py"):
+        tree = ast.parse((package / loader).read_text(encoding="utf-8"))
+        (function,) = [
+            n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "_preprocess_text"
+        ]
+        sources.append(ast.unparse(function))
+    assert sources[0] == sources[1]
+    namespace = {}
+    exec(sources[0], namespace)
+    return namespace["_preprocess_text"]
+
+
+def test_converted_tokenizer_cleans_quotes_as_cn_clip_loaders_do_after_a_reload(cn_clip, tmp_path):
+    preprocess_text = cn_clip_text_cleaning()
+    texts = ["他说“你好”", "“ABC”牌的猫", '已是"直引号"的文本']
+    cn_clip_processor(cn_clip_format.default_vocab_file(), 224, 512).save_pretrained(tmp_path)
+    tokenizer = load_processor(tmp_path).tokenizer
+    ids = tokenizer(texts, padding="max_length", max_length=52, return_tensors="pt").input_ids
+    expected = cn_clip.utils.tokenize([preprocess_text(t) for t in texts], context_length=52)
+    assert torch.equal(ids, expected)
+    # The vocabulary has the curly quotes too, so without the clean-up the ids would differ.
+    assert not torch.equal(expected[:2], cn_clip.utils.tokenize(texts[:2], context_length=52))
 
 
 def test_to_cn_clip_loads_with_load_from_name_and_equal_logits(

@@ -10,7 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import BertTokenizerFast, CLIPImageProcessorPil, VisionTextDualEncoderProcessor
+from tokenizers import Tokenizer, normalizers
+from transformers import (
+    BertTokenizerFast,
+    CLIPImageProcessorPil,
+    PreTrainedTokenizerFast,
+    VisionTextDualEncoderProcessor,
+)
 from transformers.utils import logging
 
 from component.formats.cn_clip import (
@@ -66,13 +72,14 @@ SHIPPED_TEXT_CONFIGS = {
 def cn_clip_processor(vocab_file: str | Path, image_resolution: int, max_length: int):
     """A processor that tokenises and preprocesses images as cn_clip does.
 
-    The tokenizer is a `BertTokenizerFast` over cn_clip's vocabulary (lower-casing, one token per
-    Chinese character, as cn_clip's FullTokenizer); images are resized to a square, not cropped.
+    The tokenizer is BERT's over cn_clip's vocabulary (lower-casing, one token per Chinese
+    character, as cn_clip's FullTokenizer) with cn_clip's quote clean-up (`with_cn_clip_quotes`);
+    images are resized to a square, not cropped.
     """
     with tempfile.TemporaryDirectory() as directory:
         # BertTokenizerFast(vocab_file=...) ignores the file in transformers 5; from_pretrained reads it.
         shutil.copyfile(vocab_file, Path(directory) / "vocab.txt")
-        tokenizer = BertTokenizerFast.from_pretrained(directory, do_lower_case=True)
+        tokenizer = with_cn_clip_quotes(BertTokenizerFast.from_pretrained(directory, do_lower_case=True))
     tokenizer.model_max_length = max_length
     image_processor = CLIPImageProcessorPil(
         do_resize=True,
@@ -84,6 +91,25 @@ def cn_clip_processor(vocab_file: str | Path, image_resolution: int, max_length:
         image_std=list(CN_CLIP_IMAGE_STD),
     )
     return VisionTextDualEncoderProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def with_cn_clip_quotes(tokenizer: BertTokenizerFast) -> PreTrainedTokenizerFast:
+    """`tokenizer` with the rest of cn_clip's text clean-up in front: curly double quotes become
+    straight ones, as its data loaders' `_preprocess_text` does before every caption is tokenised.
+
+    The rule lives in the tokenizer's normalizer, so it travels with the saved model. It is saved as
+    a generic fast tokenizer: transformers rebuilds a BertTokenizer's normalizer from its settings on
+    load, which would drop the rule.
+    """
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    backend.normalizer = normalizers.Sequence(
+        [normalizers.Replace("\u201c", '"'), normalizers.Replace("\u201d", '"'), backend.normalizer]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        model_input_names=tokenizer.model_input_names,
+        **tokenizer.special_tokens_map,
+    )
 
 
 def load_cn_clip_model(
