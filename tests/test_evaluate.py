@@ -12,13 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from _runs import tiny_run_args, write_args
 from PIL import Image, ImageDraw
 from test_cn_clip_data import build_lmdb_with_cn_clip
 
 import evaluate
+import train_clip
 from component.encoding import encode_images, encode_texts, load_model_and_processor
 from component.evaluation.metrics import retrieval_metrics
 from component.evaluation.zeroshot import read_templates
+from component.testing.demo import COLORS
 
 needs_cn_clip = pytest.mark.skipif(
     importlib.util.find_spec("cn_clip") is None, reason="needs cn_clip: pip install --no-deps cn_clip six"
@@ -171,6 +174,24 @@ def test_trained_model_directory_evaluates_with_no_other_flags(
     own = run_evaluate(["--model_name_or_path", str(model_dir)], tmp_path)
     given = run_evaluate([*model_arg, "--test_file", str(muge_split)], tmp_path)
     assert own["cn_clip"] == given["cn_clip"] and own["toolkit"] == given["toolkit"]
+
+
+def test_class_name_captions_give_training_s_recall_with_each_caption_once(tiny_towers, shapes, tmp_path):
+    # The test rows' captions cut down to their colour: 16 rows, 6 captions shared by 2-3 images.
+    rows = (shapes / "test.csv").read_text(encoding="utf-8").splitlines()[1:]
+    colours = [next(c for c in COLORS if c in row) for row in rows]
+    test_csv = tmp_path / "colours.csv"
+    lines = [f"{colour},,{row.split(',')[-1]}\n" for colour, row in zip(colours, rows, strict=True)]
+    test_csv.write_text("text,url,filename\n" + "".join(lines), encoding="utf-8")
+    values = tiny_run_args(tiny_towers, shapes, tmp_path / "run", test_file=str(test_csv), max_steps=4)
+    trained = train_clip.main(["--train_args_file", str(write_args(tmp_path / "a.json", **values))])
+    results = run_evaluate(["--model_name_or_path", str(tmp_path / "run")], tmp_path)
+    assert trained["eval_texts"] == len(set(colours)) and trained["eval_images"] == len(rows)
+    training = {name.removeprefix("eval_"): value for name, value in trained.items() if "recall" in name}
+    assert results["toolkit"] == pytest.approx(training, abs=1e-6)
+    # Chinese-CLIP's protocol groups texts alike here (a CSV's text key is its caption).
+    assert results["cn_clip"]["i2t_r1"] == pytest.approx(100 * training["i2t_recall@1"], abs=TOLERANCE)
+    assert results["cn_clip"]["t2i_r1"] == pytest.approx(100 * training["t2i_recall@1"], abs=TOLERANCE)
 
 
 @pytest.fixture(scope="module")

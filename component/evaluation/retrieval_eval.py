@@ -77,8 +77,8 @@ def retrieval_scores(
 ) -> dict[str, dict[str, float]]:
     """Both sets of metrics from the embeddings of the distinct texts and of every candidate image.
 
-    "toolkit": `retrieval_metrics` as training's evaluation reports it (each text and each image
-    once, only images with a text; fractions). "cn_clip": Chinese-CLIP's protocol (each
+    "toolkit": `retrieval_metrics` as training's evaluation reports it (each distinct caption and
+    each image once, only images with a text; fractions). "cn_clip": Chinese-CLIP's protocol (each
     text once against every candidate image; percentages, MR the mean of the six recalls).
     """
     image_column = {key: column for column, key in enumerate(eval_set.images)}
@@ -91,9 +91,17 @@ def retrieval_scores(
 
     used_columns = list(dict.fromkeys(pair_columns))  # images with a text, in first-pair order
     image_number = {column: number for number, column in enumerate(used_columns)}
-    text_to_used = [[image_number[column] for column in columns] for columns in text_to_images]
-    toolkit = retrieval_metrics(image_embeds[used_columns], text_embeds, text_to_used)
-    note = trivial_recall_note(len(used_columns), len(text_embeds))
+    caption_row: dict[str, int] = {}  # as training groups them: one text per distinct caption
+    caption_images: dict[str, set[int]] = {}
+    for caption, row, column in zip(eval_set.pair_texts, pair_rows, pair_columns, strict=True):
+        caption_row.setdefault(caption, row)
+        caption_images.setdefault(caption, set()).add(image_number[column])
+    toolkit = retrieval_metrics(
+        image_embeds[used_columns],
+        text_embeds[list(caption_row.values())],
+        [sorted(images) for images in caption_images.values()],
+    )
+    note = trivial_recall_note(len(used_columns), len(caption_row))
     if note:
         logger.warning(f"{eval_set.source}: {note}")
     return {"toolkit": toolkit, "cn_clip": cn_clip}
