@@ -209,6 +209,7 @@ def test_data_size_checks_run_on_the_built_dataset(image_dir, tiny_checkpoint):
 def test_recall_over_one_test_image_is_flagged_as_meaningless():
     assert "every recall is 1.0 whatever the model" in trivial_recall_note(1, 1)
     assert "t2i_recall@5, t2i_recall@10, i2t_recall@10 are 1.0" in trivial_recall_note(4, 6)
+    assert "6 captions to score: i2t_recall@10 is 1.0 whatever" in trivial_recall_note(120, 6)
     assert trivial_recall_note(11, 11) is None
 
 

@@ -62,5 +62,6 @@ def trivial_recall_note(n_images: int, n_texts: int) -> str | None:
     if n_images <= 1:
         return (f"only {n_images} image and {n_texts} caption(s) to score: every recall is 1.0 whatever "
                 "the model, so the metric means nothing here; add test rows")  # fmt: skip
-    return (f"{n_images} images and {n_texts} captions to score: {', '.join(trivial)} are 1.0 whatever "
+    verb = "is" if len(trivial) == 1 else "are"
+    return (f"{n_images} images and {n_texts} captions to score: {', '.join(trivial)} {verb} 1.0 whatever "
             "the model (a query has at most k candidates); add test rows for a meaningful score")  # fmt: skip
