@@ -114,6 +114,34 @@ def bench_encoder(
     }
 
 
+def bench_encoders(model, workdir: Path, quick: bool) -> dict:
+    """Text and image encoders of `model`, PyTorch eager against ONNX Runtime, exported into `workdir`."""
+    from component.formats.onnx_export import (
+        ImageEncoder,
+        TextEncoder,
+        export_image_encoder,
+        export_text_encoder,
+    )
+    from component.formats.onnx_parity import image_batches, text_batches
+
+    length = min(TEXT_LENGTH, model.config.text_config.max_position_embeddings)
+    text = bench_encoder(
+        TextEncoder(model).eval(),
+        lambda path: export_text_encoder(model, path),
+        lambda batch_size: next(text_batches(model, [(batch_size, length)]))[1],
+        workdir / "bench_text_encoder.onnx",
+        quick,
+    )
+    image = bench_encoder(
+        ImageEncoder(model).eval(),
+        lambda path: export_image_encoder(model, path),
+        lambda batch_size: next(image_batches(model, [batch_size]))[1],
+        workdir / "bench_image_encoder.onnx",
+        quick,
+    )
+    return {"text_length": length, "text_encoder": text, "image_encoder": image}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line."""
     parser = argparse.ArgumentParser(
@@ -125,43 +153,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     """Build the model, export and time both encoders, print and return the figures."""
-    from component.formats.onnx_export import (
-        ImageEncoder,
-        TextEncoder,
-        export_image_encoder,
-        export_text_encoder,
-    )
-    from component.formats.onnx_parity import image_batches, text_batches
-
     args = parse_args(argv)
     towers = QUICK_TOWERS if args.quick else VIT_B16_BERT_BASE
     load_before = load_average()
     with tempfile.TemporaryDirectory(prefix="bench_onnx_") as workdir:
         workdir = Path(workdir)
-        model = build_model(workdir, towers)
-        length = min(TEXT_LENGTH, model.config.text_config.max_position_embeddings)
-        text = bench_encoder(
-            TextEncoder(model).eval(),
-            lambda path: export_text_encoder(model, path),
-            lambda batch_size: next(text_batches(model, [(batch_size, length)]))[1],
-            workdir / "text_encoder.onnx",
-            args.quick,
-        )
-        image = bench_encoder(
-            ImageEncoder(model).eval(),
-            lambda path: export_image_encoder(model, path),
-            lambda batch_size: next(image_batches(model, [batch_size]))[1],
-            workdir / "image_encoder.onnx",
-            args.quick,
-        )
+        encoders = bench_encoders(build_model(workdir, towers), workdir, args.quick)
     figures = {
         "machine": machine(),
         "towers": towers.__dict__,
         "torch_threads": torch.get_num_threads(),
-        "text_length": length,
+        "text_length": encoders["text_length"],
         "load_average_before": load_before,
-        "text_encoder": text,
-        "image_encoder": image,
+        "text_encoder": encoders["text_encoder"],
+        "image_encoder": encoders["image_encoder"],
         "load_average_after": load_average(),
     }
     print(json.dumps(figures, indent=2), flush=True)

@@ -33,6 +33,7 @@ import numpy as np
 
 from benchmarks._machine import load_average, machine
 from benchmarks._towers import QUICK_TOWERS, VIT_B16_BERT_BASE
+from benchmarks.bench_onnx import bench_encoders
 
 SERVERS = ("legacy_http_server", "service_torch", "service_onnx")
 CONCURRENCY = (1, 8, 32)
@@ -188,38 +189,6 @@ def bench_servers(kinds, index_dir: Path, onnx_dir: Path, requests: int, concurr
         for process, _ in started.values():
             process.terminate()
             process.wait(30)
-
-
-# --- encoders alone ---
-
-
-def bench_encoders(model, workdir: Path, quick: bool) -> dict:
-    """Text and image encoders, PyTorch eager against ONNX Runtime, as bench_onnx.py measures them."""
-    from benchmarks.bench_onnx import TEXT_LENGTH, bench_encoder
-    from component.formats.onnx_export import (
-        ImageEncoder,
-        TextEncoder,
-        export_image_encoder,
-        export_text_encoder,
-    )
-    from component.formats.onnx_parity import image_batches, text_batches
-
-    length = min(TEXT_LENGTH, model.config.text_config.max_position_embeddings)
-    text = bench_encoder(
-        TextEncoder(model).eval(),
-        lambda path: export_text_encoder(model, path),
-        lambda batch_size: next(text_batches(model, [(batch_size, length)]))[1],
-        workdir / "bench_text_encoder.onnx",
-        quick,
-    )
-    image = bench_encoder(
-        ImageEncoder(model).eval(),
-        lambda path: export_image_encoder(model, path),
-        lambda batch_size: next(image_batches(model, [batch_size]))[1],
-        workdir / "bench_image_encoder.onnx",
-        quick,
-    )
-    return {"text_length": length, "text_encoder": text, "image_encoder": image}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
