@@ -19,7 +19,7 @@ import logging
 import os
 import sys
 
-from component.cli import pick_device, positive_int
+from component.cli import model_script_parser, pick_device, positive_int
 from component.encoding import load_model_and_processor
 from component.evaluation.eval_data import open_source, read_eval_set
 from component.evaluation.report import format_report, resolve_test_data
@@ -34,13 +34,8 @@ DEFAULT_MAX_LENGTH = 64  # tokens per text where neither --max_length nor the tr
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line."""
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--model_name_or_path",
-        required=True,
-        help="a model directory (a trained run's output directory, or convert_checkpoint.py's)",
+    parser = model_script_parser(
+        __doc__, model_help="a model directory (a trained run's output directory, or convert_checkpoint.py's)"
     )
     parser.add_argument(
         "--test_file",

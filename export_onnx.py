@@ -18,7 +18,7 @@ Needs the optional packages: pip install '.[onnx]'.
 import argparse
 from pathlib import Path
 
-from component.cli import pick_device
+from component.cli import model_script_parser, pick_device
 from component.encoding import load_model_and_processor
 from component.formats.onnx_export import MIN_OPSET, check_opset, check_output, export_onnx, require_onnx
 from datatools.errors import report_user_errors
@@ -26,14 +26,7 @@ from datatools.errors import report_user_errors
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line."""
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--model_name_or_path",
-        required=True,
-        help="a BertCLIP, ChineseCLIP or original CLIP-Chinese checkpoint: a directory or hub name",
-    )
+    parser = model_script_parser(__doc__)
     parser.add_argument(
         "--output",
         required=True,

@@ -21,7 +21,7 @@ import os
 import sys
 from pathlib import Path
 
-from component.cli import list_images, pick_device, positive_int
+from component.cli import list_images, model_script_parser, pick_device, positive_int
 from component.encoding import (
     MODES,
     ZERO_SHOT_TEMPLATES,
@@ -45,14 +45,7 @@ SIGPIPE_EXIT_STATUS = 141  # 128 + SIGPIPE (13): what a shell reports for a tool
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line."""
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--model_name_or_path",
-        required=True,
-        help="a BertCLIP, ChineseCLIP or original CLIP-Chinese checkpoint: a directory or hub name",
-    )
+    parser = model_script_parser(__doc__)
     parser.add_argument(
         "--mode",
         choices=MODES,

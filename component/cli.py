@@ -1,4 +1,4 @@
-"""Small pieces the command-line scripts share: argument types, device choice, image listing."""
+"""Small pieces the command-line scripts share: their parser, argument types, device choice, image listing."""
 
 import argparse
 from pathlib import Path
@@ -9,6 +9,19 @@ from component.encoding import default_device
 from component.errors import InputError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+CHECKPOINT_HELP = "a BertCLIP, ChineseCLIP or original CLIP-Chinese checkpoint: a directory or hub name"
+
+
+def model_script_parser(
+    description: str | None, model_help: str = CHECKPOINT_HELP
+) -> argparse.ArgumentParser:
+    """A script's parser: its module docstring as the description, and the required
+    --model_name_or_path."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model_name_or_path", required=True, help=model_help)
+    return parser
 
 
 def positive_int(value: str) -> int:
