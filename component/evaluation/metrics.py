@@ -49,6 +49,17 @@ def retrieval_metrics(
     return metrics
 
 
+def group_by_caption(captions: Sequence[str], images: Sequence[int]) -> tuple[list[int], list[list[int]]]:
+    """Rows of (caption, image number) grouped as `retrieval_metrics` wants its texts: the first row
+    of each distinct caption, and for each the sorted numbers of its images."""
+    first_row: dict[str, int] = {}
+    caption_images: dict[str, set[int]] = {}
+    for row, (caption, image) in enumerate(zip(captions, images, strict=True)):
+        first_row.setdefault(caption, row)
+        caption_images.setdefault(caption, set()).add(image)
+    return list(first_row.values()), [sorted(numbers) for numbers in caption_images.values()]
+
+
 def trivial_recall_note(n_images: int, n_texts: int) -> str | None:
     """Which recalls are 1.0 whatever the model, because a query has at most k candidates; None if none.
 

@@ -14,7 +14,7 @@ from component.encoding import encode_images, encode_texts
 from component.errors import InputError
 from component.evaluation.cn_clip_protocol import cn_clip_retrieval_metrics
 from component.evaluation.eval_data import EvalSet
-from component.evaluation.metrics import retrieval_metrics, trivial_recall_note
+from component.evaluation.metrics import group_by_caption, retrieval_metrics, trivial_recall_note
 from component.processor import ImageTransform
 from datatools.images import RejectedError
 
@@ -91,17 +91,11 @@ def retrieval_scores(
 
     used_columns = list(dict.fromkeys(pair_columns))  # images with a text, in first-pair order
     image_number = {column: number for number, column in enumerate(used_columns)}
-    caption_row: dict[str, int] = {}  # as training groups them: one text per distinct caption
-    caption_images: dict[str, set[int]] = {}
-    for caption, row, column in zip(eval_set.pair_texts, pair_rows, pair_columns, strict=True):
-        caption_row.setdefault(caption, row)
-        caption_images.setdefault(caption, set()).add(image_number[column])
-    toolkit = retrieval_metrics(
-        image_embeds[used_columns],
-        text_embeds[list(caption_row.values())],
-        [sorted(images) for images in caption_images.values()],
-    )
-    note = trivial_recall_note(len(used_columns), len(caption_row))
+    # As training groups them: one text per distinct caption.
+    pairs, text_to_used = group_by_caption(eval_set.pair_texts, [image_number[c] for c in pair_columns])
+    caption_rows = [pair_rows[pair] for pair in pairs]
+    toolkit = retrieval_metrics(image_embeds[used_columns], text_embeds[caption_rows], text_to_used)
+    note = trivial_recall_note(len(used_columns), len(caption_rows))
     if note:
         logger.warning(f"{eval_set.source}: {note}")
     return {"toolkit": toolkit, "cn_clip": cn_clip}

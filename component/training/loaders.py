@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Sampler
 from transformers import TrainerCallback
 
 from component.evaluation.eval_data import CnClipSource
-from component.evaluation.metrics import retrieval_metrics
+from component.evaluation.metrics import group_by_caption, retrieval_metrics
 from component.processor import ImageTransform
 from component.training.dataset import DataError, ImageTextDataset
 from component.training.row_store import load_rows
@@ -162,18 +162,14 @@ def dataset_retrieval_metrics(dataset, image_embeds, text_embeds, sample_index) 
     """Retrieval metrics where samples with the same image key count as one image and samples with
     the same caption as one text, plus `images` and `texts`, the distinct counts; for any map-style
     source."""
-    source = dataset.source
-    image_row_of: dict[str, int] = {}
-    text_row_of: dict[str, int] = {}
-    text_images: dict[str, list[int]] = {}
-    for row, index in enumerate(int(i) for i in sample_index):
-        image = image_row_of.setdefault(source.image_key(index), row)
-        caption = source.caption(index)
-        text_row_of.setdefault(caption, row)
-        text_images.setdefault(caption, []).append(image)
-    image_rows = list(image_row_of.values())
-    image_number = {row: number for number, row in enumerate(image_rows)}
-    text_to_images = [sorted({image_number[row] for row in rows}) for rows in text_images.values()]
-    text_rows = list(text_row_of.values())
+    indices = [int(i) for i in sample_index]
+    keys = [dataset.source.image_key(index) for index in indices]
+    first_row_of: dict[str, int] = {}
+    for row, key in enumerate(keys):
+        first_row_of.setdefault(key, row)
+    image_number = {key: number for number, key in enumerate(first_row_of)}
+    captions = [dataset.source.caption(index) for index in indices]
+    text_rows, text_to_images = group_by_caption(captions, [image_number[key] for key in keys])
+    image_rows = list(first_row_of.values())
     metrics = retrieval_metrics(image_embeds[image_rows], text_embeds[text_rows], text_to_images)
     return {**metrics, "images": len(image_rows), "texts": len(text_rows)}
