@@ -687,7 +687,7 @@ def no_decoding(monkeypatch):
     monkeypatch.setattr(ImageFile.ImageFile, "load", load)
 
 
-TOO_LARGE = f"image too large: 12000 x 12000 pixels, the limit is {retrieval_served_images.MAX_IMAGE_PIXELS}"
+TOO_LARGE = f"image too large: 12000 x 12000 pixels, the limit is {retrieval_served_images.MAX_PIXELS}"
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from component.encoding import model_device
+from component.encoding import logit_bias_of, model_device
 from component.errors import InputError
 from component.formats.onnx_parity import (
     Parity,
@@ -238,9 +238,9 @@ def export_metadata(model: BertCLIPModel, opset: int, float16: bool) -> dict:
         "source": str(getattr(model, "name_or_path", "")),
         "torch": torch.__version__,
     }
-    logit_bias = getattr(model, "logit_bias", None)  # a sigmoid-loss (SigLIP) model adds one
+    logit_bias = logit_bias_of(model)  # a sigmoid-loss (SigLIP) model adds one
     if logit_bias is not None:
-        metadata["logit_bias"] = float(torch.as_tensor(logit_bias).detach().float().item())
+        metadata["logit_bias"] = logit_bias
     return metadata
 
 

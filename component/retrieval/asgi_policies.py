@@ -80,10 +80,6 @@ def with_security_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[byte
     return headers
 
 
-class BodyTooLarge(Exception):
-    """The client sent more than the path's limit."""
-
-
 class BodyLimits:
     """Bound each request body in bytes (by path) and in time between its chunks.
 

@@ -16,14 +16,15 @@ from PIL import Image
 
 from component.encoding import encode_images, encode_texts, logit_bias_of
 from component.errors import InputError
-from component.processor import ImageTransform, load_processor
+from component.formats.onnx_export import METADATA_FILE
+from component.formats.onnx_parity import onnx_session
+from component.processor import ImageTransform, load_processor, tokenize
 from component.retrieval.index import RetrievalIndex
 
 Backend = Literal["torch", "onnx"]
 BACKENDS: tuple[Backend, ...] = ("torch", "onnx")
 TEXT_MAX_LENGTH = 64  # tokens per query text, as `RetrievalIndex.search_text` uses
 ONNX_BATCH_SIZE = 64
-ONNX_METADATA_FILE = "onnx_export.json"  # as component.formats.onnx_export writes it
 
 
 class QueryEncoder(Protocol):
@@ -72,18 +73,14 @@ class OnnxQueryEncoder:
         directory = Path(directory)
         self.metadata = read_onnx_metadata(directory)
         try:
-            import onnxruntime
+            import onnxruntime  # noqa: F401 (onnx_session imports it; fail here with the install line)
         except ImportError:
             raise InputError("--backend onnx needs onnxruntime: pip install '.[onnx]'") from None
-        options = onnxruntime.SessionOptions()
-        # Threads that spin between queries would take the cores that the HTTP server needs.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-
-        def session(kind: str):
-            path = directory / self.metadata[kind]["file"]
-            return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-        self.text_session, self.image_session = session("text_encoder"), session("image_encoder")
+        # Its threads do not spin between queries, which would take the cores the HTTP server needs.
+        self.text_session, self.image_session = (
+            onnx_session(directory / self.metadata[kind]["file"])
+            for kind in ("text_encoder", "image_encoder")
+        )
         self.processor = load_processor(directory)
         self.transform = ImageTransform.from_processor(self.processor)
         self.max_length = min(max_length, int(self.metadata["max_seq_length"]))
@@ -93,19 +90,13 @@ class OnnxQueryEncoder:
         self.text_inputs = [item.name for item in self.text_session.get_inputs()]
 
     def encode_texts(self, texts: list[str]) -> np.ndarray:
-        """Text embeddings [len(texts), dim], tokenised as `component.processor.tokenize` does."""
+        """Text embeddings [len(texts), dim], tokenised by `component.processor.tokenize`."""
         if not texts:
             raise InputError("no texts to encode")
         chunks = []
         for start in range(0, len(texts), ONNX_BATCH_SIZE):
-            tokens = self.processor.tokenizer(
-                texts[start : start + ONNX_BATCH_SIZE],
-                padding=True,
-                truncation=True,
-                max_length=self.max_length,
-                return_tensors="np",
-            )
-            feeds = {name: np.asarray(tokens[name], dtype=np.int64) for name in self.text_inputs}
+            tokens = tokenize(self.processor, texts[start : start + ONNX_BATCH_SIZE], self.max_length)
+            feeds = {name: tokens[name].numpy().astype(np.int64) for name in self.text_inputs}
             chunks.append(self.text_session.run(["text_embeds"], feeds)[0])
         return normalise_rows(np.concatenate(chunks))
 
@@ -130,7 +121,7 @@ class OnnxQueryEncoder:
 
 def read_onnx_metadata(directory: Path) -> dict:
     """onnx_export.json of an export_onnx.py output directory; InputError when it is not one."""
-    path = directory / ONNX_METADATA_FILE
+    path = directory / METADATA_FILE
     try:
         metadata = json.loads(path.read_text(encoding="utf-8"))
         for key in ("logit_scale", "max_seq_length", "projection_dim", "text_encoder", "image_encoder"):

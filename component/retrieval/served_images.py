@@ -18,7 +18,6 @@ from component.retrieval.web import web_image_type
 from datatools.images import MAX_PIXELS, RejectedError, load_rgb, open_image, open_regular_file
 
 THUMBNAIL_SIDE = 256
-MAX_IMAGE_PIXELS = MAX_PIXELS  # a larger image would take 3 bytes a pixel, or more, to decode
 
 
 def rejection_message(error: RejectedError, what: str) -> str:
@@ -28,7 +27,7 @@ def rejection_message(error: RejectedError, what: str) -> str:
     return f"cannot read {what} ({error})"
 
 
-def make_thumbnail(path: Path, side: int = THUMBNAIL_SIDE, max_pixels: int = MAX_IMAGE_PIXELS) -> bytes:
+def make_thumbnail(path: Path, side: int = THUMBNAIL_SIDE, max_pixels: int = MAX_PIXELS) -> bytes:
     """A JPEG of the image scaled to fit in side x side, upright and RGB (as `load_rgb` makes it).
 
     An image of more than `max_pixels` pixels is refused (InputError) undecoded; a JPEG counts at
@@ -44,7 +43,7 @@ def make_thumbnail(path: Path, side: int = THUMBNAIL_SIDE, max_pixels: int = MAX
     return buffer.getvalue()
 
 
-def read_uploaded_image(body: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+def read_uploaded_image(body: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """An uploaded image file, decoded, upright and RGB; InputError for a file that is not an image
     or has more than `max_pixels` pixels."""
     try:

@@ -18,7 +18,6 @@ this application (component.retrieval.asgi_policies); the HTTP server is uvicorn
 """
 
 import threading
-from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Annotated
@@ -150,14 +149,6 @@ def add_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = exc.detail if exc.status_code != 404 else f"no such page: {request.url.path}"
         return JSONResponse({"error": message}, status_code=exc.status_code, headers=exc.headers)
-
-
-@dataclass(frozen=True)
-class PageSettings:
-    """What the page shows and offers."""
-
-    max_top_k: int = MAX_TOP_K
-    top_k: int = DEFAULT_TOP_K
 
 
 def page_response(template: str, nonce: str, replacements: dict[str, str]) -> HTMLResponse:
