@@ -16,19 +16,16 @@ image-to-text R@1/5/10, each direction's mean, and MR, the mean of all six).
 import argparse
 import json
 import logging
-import os
 import sys
 
-from component.cli import model_script_parser, pick_device, positive_int
+from component.cli import model_script_parser, pick_device, positive_int, run_printing_script
 from component.encoding import load_model_and_processor
 from component.evaluation.eval_data import open_source, read_eval_set
 from component.evaluation.report import format_report, resolve_test_data
 from component.evaluation.retrieval_eval import evaluate_retrieval
 from component.evaluation.zeroshot import labelled_images, read_labels, read_templates, zeroshot_accuracy
 from datatools.atomic import write_json_atomic
-from datatools.errors import report_user_errors
 
-SIGPIPE_EXIT_STATUS = 141
 DEFAULT_MAX_LENGTH = 64  # tokens per text where neither --max_length nor the training run says
 
 
@@ -118,15 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Parse the command line and evaluate; bad input ends with one line and exit code 2."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s", stream=sys.stderr)
     args = parse_args(argv)
-    try:
-        results = report_user_errors(lambda: run(args))
-        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's flush at exit
-    except BrokenPipeError:
-        # Output cut short by the reader (`... | head`): leave quietly with 141 (128 + SIGPIPE), as
-        # predict_similarity.py does; stdout points at devnull so the flush at exit cannot fail again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        raise SystemExit(SIGPIPE_EXIT_STATUS) from None
-    return results
+    return run_printing_script(lambda: run(args))
 
 
 if __name__ == "__main__":

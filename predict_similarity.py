@@ -17,11 +17,9 @@ for any Unix tool killed by SIGPIPE (128 + 13), so `set -o pipefail` scripts see
 
 import argparse
 import json
-import os
-import sys
 from pathlib import Path
 
-from component.cli import list_images, model_script_parser, pick_device, positive_int
+from component.cli import list_images, model_script_parser, pick_device, positive_int, run_printing_script
 from component.encoding import (
     MODES,
     ZERO_SHOT_TEMPLATES,
@@ -38,9 +36,6 @@ from component.encoding import (
     scores_document,
     top_candidates,
 )
-from datatools.errors import report_user_errors
-
-SIGPIPE_EXIT_STATUS = 141  # 128 + SIGPIPE (13): what a shell reports for a tool its reader closed on
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -204,15 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     A reader that stops early (`| head`) ends the run quietly with exit status 141 (SIGPIPE's).
     """
     args = parse_args(argv)
-    try:
-        report_user_errors(lambda: run(args))
-        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's flush at exit
-    except BrokenPipeError:
-        # As Python's docs advise (signal module, "Note on SIGPIPE"): point stdout at devnull so
-        # that the flush at exit cannot fail again, and leave without a traceback.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        raise SystemExit(SIGPIPE_EXIT_STATUS) from None
+    run_printing_script(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -1,14 +1,21 @@
-"""Small pieces the command-line scripts share: their parser, argument types, device choice, image listing."""
+"""Small pieces the command-line scripts share: their parser, argument types, device choice, image listing,
+and how a printing script ends."""
 
 import argparse
+import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
 from component.encoding import default_device
 from component.errors import InputError
+from datatools.errors import report_user_errors
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+SIGPIPE_EXIT_STATUS = 141  # 128 + SIGPIPE (13): what a shell reports for a tool its reader closed on
 CHECKPOINT_HELP = "a BertCLIP, ChineseCLIP or original CLIP-Chinese checkpoint: a directory or hub name"
 
 
@@ -54,3 +61,21 @@ def list_images(directory: str | Path) -> list[Path]:
     if not images:
         raise InputError(f"{directory}: no image files ({', '.join(IMAGE_SUFFIXES)})")
     return images
+
+
+Result = TypeVar("Result")
+
+
+def run_printing_script(work: Callable[[], Result]) -> Result:
+    """`report_user_errors(work)` for a script that prints to stdout: bad input ends with one line
+    and exit status 2, and a reader that stops early (`| head`) ends the run quietly with exit
+    status 141 (SIGPIPE's)."""
+    try:
+        result = report_user_errors(work)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's flush at exit
+    except BrokenPipeError:
+        # As Python's docs advise (signal module, "Note on SIGPIPE"): point stdout at devnull so
+        # that the flush at exit cannot fail again, and leave without a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(SIGPIPE_EXIT_STATUS) from None
+    return result

@@ -51,7 +51,8 @@ def retrieval_metrics(
 
 def group_by_caption(captions: Sequence[str], images: Sequence[int]) -> tuple[list[int], list[list[int]]]:
     """Rows of (caption, image number) grouped as `retrieval_metrics` wants its texts: the first row
-    of each distinct caption, and for each the sorted numbers of its images."""
+    of each distinct caption (or text key), in first-seen order, and for each the sorted numbers of
+    its images."""
     first_row: dict[str, int] = {}
     caption_images: dict[str, set[int]] = {}
     for row, (caption, image) in enumerate(zip(captions, images, strict=True)):

@@ -83,10 +83,7 @@ def retrieval_scores(
     """
     image_column = {key: column for column, key in enumerate(eval_set.images)}
     pair_columns = [image_column[key] for key in eval_set.pair_images]
-    text_to_images: list[list[int]] = [[] for _ in range(len(text_embeds))]
-    for row, column in zip(pair_rows, pair_columns, strict=True):
-        if column not in text_to_images[row]:
-            text_to_images[row].append(column)
+    _, text_to_images = group_by_caption(eval_set.pair_text_keys, pair_columns)  # as group_texts orders them
     cn_clip = cn_clip_retrieval_metrics(text_embeds @ image_embeds.T, text_to_images)
 
     used_columns = list(dict.fromkeys(pair_columns))  # images with a text, in first-pair order
