@@ -26,7 +26,7 @@ logger = logging.get_logger(__name__)
 # Keys of a ChineseCLIP or CLIP sub-config that only describe the sub-config's own class.
 _CLASS_KEYS = ("model_type", "architectures", "_name_or_path", "transformers_version")
 # What a CLIP-style image processor does to an image; ChineseCLIPImageProcessor takes the same.
-_IMAGE_SETTINGS = ("do_convert_rgb", "do_resize", "size", "resample", "do_center_crop", "crop_size",
+IMAGE_SETTINGS = ("do_convert_rgb", "do_resize", "size", "resample", "do_center_crop", "crop_size",
                    "do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std")  # fmt: skip
 
 
@@ -201,7 +201,7 @@ def save_chinese_clip(model, save_directory: str | Path, processor=None) -> None
 def to_chinese_clip_processor(processor) -> ChineseCLIPProcessor:
     """A `ChineseCLIPProcessor` that tokenises and preprocesses exactly as `processor` does."""
     image_processor = processor.image_processor
-    settings = {name: getattr(image_processor, name) for name in _IMAGE_SETTINGS}
+    settings = {name: getattr(image_processor, name) for name in IMAGE_SETTINGS}
     settings["size"], settings["crop_size"] = dict(settings["size"]), dict(settings["crop_size"] or {})
     return ChineseCLIPProcessor(
         image_processor=ChineseCLIPImageProcessorPil(**settings),

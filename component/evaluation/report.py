@@ -4,8 +4,7 @@ import json
 from pathlib import Path
 
 from component.errors import InputError
-
-ARGS_FILE = "toolkit_args.json"  # written by training beside the final model (run_output.ARGS_FILE)
+from component.training.run_output import ARGS_FILE  # what training writes beside the final model
 
 
 def training_data_args(model_dir: str | Path) -> dict:

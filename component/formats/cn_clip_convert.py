@@ -29,7 +29,7 @@ from component.formats.cn_clip import (
     infer_architecture,
     read_cn_clip_state_dict,
 )
-from component.interop import CheckpointError, save_chinese_clip
+from component.interop import IMAGE_SETTINGS, CheckpointError, save_chinese_clip
 from component.model import BertCLIPModel
 from component.processor import ImageTransform, check_tokenizer_fits, load_processor
 from datatools.atomic import atomic_file, write_json_atomic
@@ -40,9 +40,6 @@ logger = logging.get_logger(__name__)
 CN_CLIP_IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CN_CLIP_IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 BICUBIC = 3
-# What a CLIP-style image processor does to an image; ChineseCLIPImageProcessor has the same settings.
-_IMAGE_SETTINGS = ("do_convert_rgb", "do_resize", "size", "resample", "do_center_crop", "crop_size",
-                   "do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std")  # fmt: skip
 
 # The model configs cn_clip ships (cn_clip/clip/model_configs), so that an export of one of these
 # sizes loads by name; tests check this table against the installed package.
@@ -278,7 +275,7 @@ def from_chinese_clip(chinese_dir: str | Path, output: str | Path) -> BertCLIPMo
     model = BertCLIPModel.from_pretrained(chinese_dir)
     chinese_processor = load_processor(chinese_dir)
     image_processor = chinese_processor.image_processor
-    settings = {k: v for k, v in image_processor.to_dict().items() if k in _IMAGE_SETTINGS}
+    settings = {k: v for k, v in image_processor.to_dict().items() if k in IMAGE_SETTINGS}
     processor = VisionTextDualEncoderProcessor(
         image_processor=CLIPImageProcessorPil(**settings), tokenizer=chinese_processor.tokenizer
     )
