@@ -1,11 +1,10 @@
 """Model configuration for BertCLIP: a CLIP ViT image tower and a text tower (BERT or any text encoder)."""
 
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 from transformers import AutoConfig, CLIPVisionConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-TextPooling = Literal["cls", "pooler", "mean"]
 TEXT_POOLINGS = ("cls", "pooler", "mean")
 
 

@@ -8,7 +8,6 @@ loss over the global batch. Adding a loss is one function here and one entry in 
 
 import math
 from collections.abc import Callable
-from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -157,7 +156,6 @@ def siglip_loss(
     return terms.sum() / image_embeds.shape[0]
 
 
-LossName = Literal["clip", "siglip"]
 LossFunction = Callable[..., torch.Tensor]
 LOSSES: dict[str, LossFunction] = {"clip": contrastive_loss, "siglip": siglip_loss}
 # The scales a model starts with when it is first trained with SigLIP (open_clip's initialisation).

@@ -14,6 +14,7 @@ from typing import Any
 
 from transformers import HfArgumentParser, TrainingArguments
 
+from component.configuration import TEXT_POOLINGS
 from component.loss import LOSSES
 from component.training.arg_checks import check_paths, check_report_to, check_training_length
 from component.training.arg_values import (
@@ -75,7 +76,7 @@ class ModelArguments:
     )
 
     def __post_init__(self):
-        if self.text_pooling not in ("cls", "pooler", "mean"):
+        if self.text_pooling not in TEXT_POOLINGS:
             raise ArgumentError(f"text_pooling must be 'cls', 'pooler' or 'mean', got {self.text_pooling!r}")
         if self.bert_pretrain_path is not None:  # the old name wins only where the new one is not set
             if self.text_pretrain_path not in (self.bert_pretrain_path, DEFAULT_TEXT_TOWER):

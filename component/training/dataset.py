@@ -164,16 +164,8 @@ class ImageTextDataset(Dataset):
         """The CSV rows (CSV sources only; kept for callers that read the rows directly)."""
         return self.source.rows
 
-    @property
-    def image_path(self) -> Path:
-        return self.source.image_path
-
     def __len__(self) -> int:
         return len(self.source)
-
-    def image_file(self, index: int):
-        """What the image of sample `index` is read from (a path for a CSV source)."""
-        return self.source.open_image(index)
 
     def load_image(self, index: int) -> np.ndarray:
         image = self.transform.load(self.source.open_image(index), draft=self.draft)

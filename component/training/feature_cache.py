@@ -179,11 +179,6 @@ class CachedImageTextDataset(Dataset):
         self.valid = valid
         self.replacement_stride = coprime_stride(len(source))
 
-    @property
-    def rows(self):
-        """The CSV rows (CSV sources only)."""
-        return self.source.rows
-
     def __len__(self) -> int:
         return len(self.source)
 
