@@ -27,8 +27,8 @@ from datatools.atomic import atomic_file, write_json_atomic
 logger = logging.getLogger(__name__)
 
 
-def cache_key(model, dataset: ImageTextDataset) -> str:
-    """A hash of everything that decides the cached values."""
+def image_tower_hash(model):
+    """A SHA-256 object fed with the image tower's and image projection's weights."""
     digest = hashlib.sha256()
     image_side = {
         k: v for k, v in model.state_dict().items() if k.startswith(("vision_model.", "visual_proj"))
@@ -36,6 +36,13 @@ def cache_key(model, dataset: ImageTextDataset) -> str:
     for name, tensor in sorted(image_side.items()):
         digest.update(name.encode())
         digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest
+
+
+def cache_key(model, dataset: ImageTextDataset, tower_hash=None) -> str:
+    """A hash of everything that decides the cached values; `tower_hash`, `image_tower_hash(model)`
+    when the caller has it already (it reads every weight of the tower)."""
+    digest = (tower_hash or image_tower_hash(model)).copy()
     digest.update(repr((dataset.transform, dataset.draft)).encode())
     digest.update(dataset.source.identity())
     return digest.hexdigest()[:24]
@@ -131,15 +138,16 @@ def load_or_build_cache(
     num_workers: int,
     device,
     shard: Shard | None = None,
+    tower_hash=None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The cached features and valid mask for `dataset`, computed on first use.
 
     Every process that shares the cache calls this with its `shard` (default: a single process);
-    each computes its own rows.
+    each computes its own rows. `tower_hash`: see `cache_key`.
     """
     shard = shard or Shard()
     cache_dir = Path(cache_dir)
-    key = cache_key(model, dataset)
+    key = cache_key(model, dataset, tower_hash)
     features_path, valid_path = cache_dir / f"{key}.features.npy", cache_dir / f"{key}.valid.npy"
     meta_path = cache_dir / f"{key}.json"
     if meta_path.is_file():  # the metadata is written last: its presence marks a complete cache

@@ -15,7 +15,12 @@ from component.model import BertCLIPModel
 from component.processor import ImageTransform, build_processor, check_tokenizer_fits, load_processor
 from component.training.arguments import ArgumentError, DataArguments, ModelArguments, TowerArguments
 from component.training.collator import ImageTextCollator
-from component.training.feature_cache import CachedImageTextDataset, Shard, load_or_build_cache
+from component.training.feature_cache import (
+    CachedImageTextDataset,
+    Shard,
+    image_tower_hash,
+    load_or_build_cache,
+)
 from component.training.freezing import apply_tower_locks
 from component.training.loaders import (
     StreamPositionCallback,
@@ -126,6 +131,7 @@ def cache_image_features(model, train_dataset, test_dataset, training_args: Trai
     model.to(training_args.device)
     shard = cache_shard()
     batch_size = max(training_args.per_device_eval_batch_size, training_args.per_device_train_batch_size)
+    tower_hash = image_tower_hash(model)  # once: it reads every weight of the image tower
     cached = []
     for dataset in (train_dataset, test_dataset):
         if dataset is None:
@@ -133,7 +139,7 @@ def cache_image_features(model, train_dataset, test_dataset, training_args: Trai
             continue
         features, valid = load_or_build_cache(
             model, dataset, cache_dir, batch_size, training_args.dataloader_num_workers,
-            training_args.device, shard,
+            training_args.device, shard, tower_hash,
         )  # fmt: skip
         cached.append(CachedImageTextDataset(dataset.source, features, valid))
     return tuple(cached)
