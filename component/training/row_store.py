@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from component.training.dataset import DataError, ImageTextRows, StringColumn, read_image_text_csv
+from datatools.atomic import sync_path
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +59,7 @@ def _write_store(rows: ImageTextRows, directory: Path) -> None:
     meta = {"rows": len(rows), "dropped_blank_text": rows.dropped_blank_text, "source": rows.source}
     (temporary / "meta.json").write_text(json.dumps(meta))
     for file in temporary.iterdir():
-        with open(file, "rb") as handle:
-            os.fsync(handle.fileno())
+        sync_path(file)
     os.rename(temporary, directory)
 
 
