@@ -18,12 +18,13 @@ import json
 import os
 import pickle
 from array import array
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from datatools.errors import UserError
+from datatools.string_column import StringColumn
 
 TEXTS_SUFFIX = "_texts.jsonl"
 IMAGES_SUFFIX = "_imgs.tsv"
@@ -53,29 +54,6 @@ def decode_base64(encoded: bytes | str, where: str) -> bytes:
     if not decoded:
         raise CnClipDataError(f"{where}: the image is empty")
     return decoded
-
-
-class PackedStrings:
-    """Strings in one UTF-8 buffer plus offsets (the `StringColumn` pattern of training's CSV reader).
-
-    A list of millions of Python strings is copied page by page into every forked DataLoader
-    worker as reference counts change; two numpy arrays are shared and never written.
-    """
-
-    def __init__(self, strings: Iterable[str] = ()):
-        data, ends = bytearray(), array("q", [0])
-        for string in strings:
-            data += string.encode("utf-8")
-            ends.append(len(data))
-        self.buffer = np.frombuffer(data, dtype=np.uint8)  # views of the buffers, not copies
-        self.offsets = np.frombuffer(ends, dtype=np.int64)
-        self.buffer.flags.writeable = self.offsets.flags.writeable = False
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    def __getitem__(self, index: int) -> str:
-        return self.buffer[self.offsets[index] : self.offsets[index + 1]].tobytes().decode("utf-8")
 
 
 class _IdIndex:
@@ -186,7 +164,7 @@ class TsvJsonlData:
             raise CnClipDataError(f"{self.texts_path}: not UTF-8 ({error.reason})") from None
         if not texts:
             raise CnClipDataError(f"{self.texts_path}: no texts")
-        self._texts, self._text_ids = PackedStrings(texts), PackedStrings(text_ids)
+        self._texts, self._text_ids = StringColumn(texts), StringColumn(text_ids)
         self._pair_text = np.frombuffer(pair_text, dtype=np.int64)
         self._pair_image = np.frombuffer(pair_image, dtype=np.int64)
 
