@@ -215,12 +215,6 @@ class _PairUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refused to load {module}.{name}")
 
 
-def is_cn_clip_lmdb(path: str | Path) -> bool:
-    """Whether `path` is a directory with Chinese-CLIP's `imgs/` and `pairs/` LMDB databases."""
-    path = Path(path)
-    return path.is_dir() and all((path / part / "data.mdb").is_file() for part in LMDB_PARTS)
-
-
 # py-lmdb refuses to open one environment twice in a process, and a forked DataLoader worker
 # inherits its parent's: so each database file is opened once and shared, by the readers of one
 # process (a train and a test set on the same LMDB) and by its forked workers. Read-only and
@@ -257,8 +251,8 @@ class LmdbData:
     def __init__(self, path: str | Path):
         self.source = str(path)
         self.path = Path(path)
-        if not is_cn_clip_lmdb(self.path):
-            missing = [f"{p}/data.mdb" for p in LMDB_PARTS if not (self.path / p / "data.mdb").is_file()]
+        missing = [f"{p}/data.mdb" for p in LMDB_PARTS if not (self.path / p / "data.mdb").is_file()]
+        if missing:
             raise CnClipDataError(
                 f"{self.path}: not a Chinese-CLIP LMDB directory (no {', '.join(missing)});"
                 " build one with cn_clip's build_lmdb_dataset.py"
