@@ -36,7 +36,8 @@ from datatools.download import (
 )
 from datatools.errors import UserError
 from datatools.fetch import OUT_OF_DESCRIPTORS, DownloadOptions, keepalive_hosts_per_thread
-from datatools.shard_writer import DEFAULT_SHARD_SIZE, SIZES_NAME, Part, ShardedOutput, ShardLayout
+from datatools.shard_writer import DEFAULT_SHARD_SIZE, Part, ShardedOutput, ShardLayout
+from datatools.shards import SIZES_FILE
 
 REQUIRED_COLUMNS = ("url", "filename")
 SHARD_REQUIRED_COLUMNS = ("url",)  # shards are named by row number, not by a filename column
@@ -269,7 +270,7 @@ def download_shards(args: argparse.Namespace, options: DownloadOptions, table: C
     )
     for reason, count in sharded.reasons.most_common():
         print(f"  {reason:<24} {count}")
-    print(f"shards, *_stats.json and *_failed.csv in {output}; sample counts: {output / SIZES_NAME}")
+    print(f"shards, *_stats.json and *_failed.csv in {output}; sample counts: {output / SIZES_FILE}")
     return 130 if interrupted else 0
 
 

@@ -28,8 +28,8 @@ from datatools.csv_rows import AtomicCsvWriter, InputError
 from datatools.download import ConvertedImage
 from datatools.fetch import check_url
 from datatools.image_check import RejectedError
+from datatools.shards import SIZES_FILE
 
-SIZES_NAME = "sizes.json"
 SHARD_NAME_DIGITS = 5  # img2dataset's default oom_shard_count
 DEFAULT_SHARD_SIZE = 10_000
 # Tar members get a fixed time, so that the same images always give byte-identical shards.
@@ -260,7 +260,7 @@ class ShardedOutput:
             del self.writers[shard]
             self.counts["shards_written"] += 1
             self._sizes[f"{writer.name}.tar"] = samples
-            write_json_atomic(self.output / SIZES_NAME, dict(sorted(self._sizes.items())))
+            write_json_atomic(self.output / SIZES_FILE, dict(sorted(self._sizes.items())))
 
     def finish(self) -> None:
         """After the last row: `sizes.json` from every finished shard on disk (other parts' too).
@@ -270,7 +270,7 @@ class ShardedOutput:
         if self.writers:
             self.discard()
             raise InputError("the input changed during the run (fewer rows than counted); run again")
-        write_json_atomic(self.output / SIZES_NAME, finished_sizes(self.output))
+        write_json_atomic(self.output / SIZES_FILE, finished_sizes(self.output))
 
     def discard(self) -> None:
         """Drop every shard still being written; finished shards stay."""
