@@ -72,8 +72,11 @@ class ConvertedImage:
     sha256: str = ""
 
 
-def convert_image(data: bytes, short_side: int = 256, max_pixels: int = MAX_PIXELS) -> ConvertedImage:
-    """Decode `data` fully and return it as an upright RGB JPEG (quality 90), short side <= `short_side`.
+def convert_image(
+    data: bytes, short_side: int = 256, max_pixels: int = MAX_PIXELS, hash_source: bool = True
+) -> ConvertedImage:
+    """Decode `data` fully and return it as an upright RGB JPEG (quality 90), short side <= `short_side`,
+    with the SHA-256 of `data` unless `hash_source` is False (only shards record it).
 
     JPEGs much larger than the target are decoded at a reduced scale (PIL draft mode: 1/2, 1/4
     or 1/8 in the DCT domain), then resized with antialiased bilinear filtering; on web photos
@@ -99,12 +102,13 @@ def convert_image(data: bytes, short_side: int = 256, max_pixels: int = MAX_PIXE
             rgb = rgb.resize(target, Image.Resampling.BILINEAR)  # Pillow antialiases when shrinking
         buffer = io.BytesIO()
         rgb.save(buffer, "JPEG", quality=JPEG_QUALITY)
-        return ConvertedImage(buffer.getvalue(), *rgb.size, *original, hashlib.sha256(data).hexdigest())
+        digest = hashlib.sha256(data).hexdigest() if hash_source else ""
+        return ConvertedImage(buffer.getvalue(), *rgb.size, *original, digest)
 
 
 def to_training_jpeg(data: bytes, short_side: int = 256, max_pixels: int = MAX_PIXELS) -> bytes:
     """`convert_image`'s JPEG bytes alone."""
-    return convert_image(data, short_side, max_pixels).jpeg
+    return convert_image(data, short_side, max_pixels, hash_source=False).jpeg
 
 
 def store_image(path: Path, data: bytes) -> None:
@@ -150,7 +154,7 @@ class ImageDownloader:
         self.pools = HttpPools(hosts_per_thread)
         self._conversions = threading.BoundedSemaphore(max_conversions or 2 * usable_cores())
 
-    def convert(self, url: str, _target: object = None) -> ConvertedImage | str:
+    def convert(self, url: str, _target: object = None, hash_source: bool = True) -> ConvertedImage | str:
         """The image at `url`, converted (see `convert_image`), or a failure reason.
 
         Anything a remote server sends fails only its own row; an OSError that no later row can
@@ -163,7 +167,8 @@ class ImageDownloader:
             with self._conversions:
                 if self.stop.is_set():  # interrupted while waiting its turn
                     return INTERRUPTED
-                return convert_image(fetched.data, self.options.short_side, self.options.max_pixels)
+                options = self.options
+                return convert_image(fetched.data, options.short_side, options.max_pixels, hash_source)
         except RejectedError as error:
             return error.reason
         except Exception as error:  # a library bug tripped by one odd response must not end a long run
@@ -173,7 +178,7 @@ class ImageDownloader:
 
     def download(self, url: str, path: Path) -> str:
         """Store the image at `url` as `path`; returns `ok` or a failure reason (as `convert`)."""
-        converted = self.convert(url)
+        converted = self.convert(url, hash_source=False)  # a stored file keeps no hash
         if isinstance(converted, str):
             return converted
         try:
